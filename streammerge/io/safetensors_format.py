@@ -1,0 +1,180 @@
+"""The safetensors file format: header parsing (validated) and header building (byte-exact).
+
+Format (https://github.com/huggingface/safetensors, README "Format"):
+
+    [8 bytes]  N, little-endian u64: length of the JSON header
+    [N bytes]  JSON: {name: {"dtype": str, "shape": [int, ...], "data_offsets": [begin, end]},
+                      "__metadata__": {str: str}}   (optional)
+    [rest]     data; offsets are relative to the first byte after the header
+
+The reference writer (``safetensors.torch.save``) orders tensors by dtype rank (descending, see
+``DTYPE_RANK``) then by name, packs them without gaps, serialises the JSON without spaces with
+``__metadata__`` first (its keys sorted) and pads the header with spaces to a multiple of 8 bytes.
+``build_header`` reproduces that byte for byte, so a file written slot by slot equals ``save_file``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CheckpointError
+
+# safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+}
+TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+# Order of the Rust `Dtype` enum (safetensors 0.4-0.8); the writer sorts by it, descending.
+DTYPE_RANK: dict[str, int] = {
+    name: rank
+    for rank, name in enumerate(
+        ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
+         "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
+    )
+}
+
+MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
+
+
+def itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor's header entry. ``begin``/``end`` are absolute byte offsets in the file."""
+
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def parse_header(raw_len: bytes, read_header, file_size: int, path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Validate and parse a safetensors header.
+
+    ``raw_len`` is the first 8 bytes; ``read_header(n)`` returns the next ``n`` bytes. Every check the
+    spec implies is made here, so later reads can trust offsets: the data section must be covered
+    exactly, with no holes or overlaps, and every entry's byte length must match dtype x shape.
+    """
+    if len(raw_len) < 8:
+        raise CheckpointError(f"{path}: file is {file_size} bytes, too short to be safetensors (truncated?)")
+    (n,) = struct.unpack("<Q", raw_len)
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: header claims {n} bytes, over the {MAX_HEADER_BYTES}-byte limit (corrupt file)")
+    if 8 + n > file_size:
+        raise CheckpointError(f"{path}: header length {n} runs past the end of the {file_size}-byte file (truncated?)")
+    try:
+        header = json.loads(read_header(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    data_start = 8 + n
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        entries[name] = _parse_entry(name, info, data_start, path)
+    spans = sorted((e.begin, e.end, e.name) for e in entries.values())
+    cursor = data_start
+    for begin, end, name in spans:
+        if begin != cursor:
+            kind = "overlaps the previous tensor" if begin < cursor else f"leaves a hole of {begin - cursor} bytes"
+            raise CheckpointError(f"{path}: tensor {name!r} {kind} (corrupt header)")
+        cursor = end
+    if cursor != file_size:
+        if cursor > file_size:
+            raise CheckpointError(f"{path}: data runs to byte {cursor} but the file has {file_size} bytes (truncated?)")
+        raise CheckpointError(f"{path}: {file_size - cursor} bytes after the last tensor are not covered by the header (corrupt file)")
+    return entries, metadata
+
+
+def _parse_entry(name: str, info: object, data_start: int, path: str) -> TensorEntry:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+    expected = math.prod(shape) * itemsize(dtype)
+    if offsets[1] - offsets[0] != expected:
+        raise CheckpointError(
+            f"{where}: {dtype} {shape} needs {expected} bytes but data_offsets span {offsets[1] - offsets[0]}"
+        )
+    return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def sort_for_writing(tensors: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Order ``(name, dtype)`` pairs as the reference writer lays them out."""
+    return sorted(tensors, key=lambda t: (-DTYPE_RANK[t[1]], t[0]))
+
+
+def build_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Header bytes (length prefix included) and each tensor's absolute ``(begin, end)`` byte slot.
+
+    ``tensors`` are ``(name, dtype, shape)``; they are laid out in the reference writer's order.
+    """
+    shapes = {name: shape for name, _, shape in tensors}
+    order = sort_for_writing([(name, dtype) for name, dtype, _ in tensors])
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    relative: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name, dtype in order:
+        nbytes = math.prod(shapes[name]) * itemsize(dtype)
+        header[name] = {"dtype": dtype, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        relative[name] = (offset, offset + nbytes)
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    prefix = struct.pack("<Q", len(text)) + text
+    slots = {name: (len(prefix) + b, len(prefix) + e) for name, (b, e) in relative.items()}
+    return prefix, slots

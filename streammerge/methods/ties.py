@@ -1,0 +1,96 @@
+"""TIES merging (mergekit ``ties``): trim each task vector to its top-k magnitudes, elect a sign, merge
+the agreeing entries (see ``task_vectors`` for the consensus formula). ``normalize`` default true.
+
+Trim: per expert and tensor keep exactly k = max(1, int(density·numel)) entries of largest |τᵢ|.
+``prepare`` finds the k-th largest |τᵢ| over the whole tensor with ``kthvalue`` (O(n), where mergekit
+sorts). Ties at the threshold (common with bf16 inputs) are broken by position: entries strictly
+above the threshold are kept, then entries equal to it in row-major order until k are kept. mergekit
+uses an unstable ``argsort`` there, so its choice among equal magnitudes is unspecified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import ChunkInputs, MergeMethod
+from .task_vectors import merge_task_vectors
+
+
+@dataclass(frozen=True)
+class TiesParams:
+    normalize: bool = True
+    lambda_: float = 1.0
+    int8_mask: bool = False  # accepted for mergekit compatibility; masks are exact here anyway
+
+
+@dataclass(frozen=True)
+class TiesModelParams:
+    weight: float
+    density: float = 1.0
+
+
+@dataclass
+class _Trim:
+    """Per expert: keep |τ| > threshold, plus the first ``ties_left`` entries with |τ| == threshold."""
+
+    threshold: float | None  # None: keep everything (density >= 1)
+    ties_left: int
+
+
+def keep_count(density: float, numel: int) -> int:
+    return max(1, int(density * numel))
+
+
+def prepare(inputs: ChunkInputs) -> list[_Trim]:
+    trims = []
+    for expert in inputs.experts:
+        density = expert.params.density
+        if density >= 1:
+            trims.append(_Trim(None, 0))
+            continue
+        magnitude = expert.load()
+        magnitude -= inputs.base
+        magnitude.abs_()
+        flat = magnitude.reshape(-1)
+        k = keep_count(density, flat.numel())
+        threshold = flat.kthvalue(flat.numel() - k + 1).values
+        above = int((flat > threshold).sum())
+        trims.append(_Trim(float(threshold), k - above))
+        del magnitude, flat
+    return trims
+
+
+def trim_mask(delta: torch.Tensor, trim: _Trim) -> tuple[torch.Tensor, int]:
+    """Boolean keep-mask for this chunk of τᵢ and how many threshold ties it used."""
+    magnitude = delta.abs()
+    keep = magnitude > trim.threshold
+    tied = (magnitude == trim.threshold).reshape(-1)
+    n_tied = int(tied.sum())
+    if n_tied <= trim.ties_left:
+        keep |= tied.reshape(keep.shape)
+        return keep, n_tied
+    if trim.ties_left > 0:
+        first = tied.nonzero().reshape(-1)[: trim.ties_left]
+        keep.view(-1)[first] = True
+    return keep, trim.ties_left
+
+
+def merge(inputs: ChunkInputs) -> torch.Tensor:
+    trims: list[_Trim] = inputs.state
+    used = [0] * len(trims)  # ties consumed in this chunk; the same in both consensus passes
+
+    def sparsify(_: ChunkInputs, i: int, delta: torch.Tensor) -> torch.Tensor:
+        if trims[i].threshold is None:
+            return delta
+        keep, used[i] = trim_mask(delta, trims[i])
+        return delta.mul_(keep)
+
+    out = merge_task_vectors(inputs, sparsify, consensus=True)
+    for trim, n in zip(trims, used):
+        trim.ties_left -= n  # later chunks of this tensor see the remaining tie budget
+    return out
+
+
+METHOD = MergeMethod("ties", merge, TiesParams, TiesModelParams, base_model="required", prepare=prepare)
