@@ -9,8 +9,10 @@ Format (https://github.com/huggingface/safetensors, README "Format"):
 
 The reference writer (``safetensors.torch.save``) orders tensors by dtype rank (descending, see
 ``DTYPE_RANK``) then by name, packs them without gaps, serialises the JSON without spaces with
-``__metadata__`` first (its keys sorted) and pads the header with spaces to a multiple of 8 bytes.
+``__metadata__`` first and pads the header with spaces to a multiple of 8 bytes.
 ``build_header`` reproduces that byte for byte, so a file written slot by slot equals ``save_file``'s.
+(The reference emits ``__metadata__`` keys in Rust HashMap order, which varies per run; with the one
+key streammerge writes, ``{"format": "pt"}``, the bytes are fixed. We sort keys.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,11 @@
 """DARE (mergekit ``dare_linear`` / ``dare_ties``): drop each task-vector entry with probability
-1 − density, rescale the kept ones by 1/density (``rescale`` default true), then merge as task
-arithmetic (``dare_linear``) or with TIES' sign consensus (``dare_ties``); ``normalize`` default false.
+1 − density, rescale what is kept, then merge as task arithmetic (``dare_linear``) or with TIES' sign
+consensus (``dare_ties``); ``normalize`` default false, ``rescale`` default true.
+
+Rescaling (``rescale_mode``): ``l1`` (default, mergekit ≥ 0.1.5) scales the kept entries of each
+expert's tensor so that its L1 norm equals the unmasked one (skipped when either norm is below 1e-7);
+``density`` divides them by the density, as the DARE paper and mergekit 0.0.x do. Both agree in
+expectation; ``l1`` needs one whole-tensor pass (``prepare``) for the norms.
 
 Determinism: mergekit draws masks from torch's global RNG, so its output depends on execution order.
 Here the mask of expert i over flat elements [b·B, (b+1)·B) of a tensor (B = ``RNG_BLOCK``) comes from
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -19,6 +25,7 @@ from .base import ChunkInputs, MergeMethod
 from .task_vectors import merge_task_vectors
 
 RNG_BLOCK = 1 << 20  # elements; engine chunks are multiples of this
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,12 @@ class DareParams:
     normalize: bool = False
     lambda_: float = 1.0
     rescale: bool = True
+    rescale_mode: Literal["l1", "density"] = "l1"
     int8_mask: bool = False  # accepted for mergekit compatibility; masks are exact here anyway
+
+    def __post_init__(self):
+        if self.rescale_mode not in ("l1", "density"):
+            raise ValueError(f"rescale_mode must be 'l1' or 'density', got {self.rescale_mode!r}")
 
 
 @dataclass(frozen=True)
@@ -52,14 +64,37 @@ def keep_mask(seed: int, tensor: str, expert: int, start: int, numel: int, densi
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
+def _mask(inputs: ChunkInputs, i: int, delta: torch.Tensor) -> torch.Tensor:
+    density = inputs.experts[i].params.density
+    keep = keep_mask(inputs.seed, inputs.tensor, i, inputs.start, delta.numel(), density)
+    return keep.to(delta.device).reshape(delta.shape)
+
+
+def prepare(inputs: ChunkInputs) -> list[float]:
+    """Per expert, the L1 rescale factor ‖τᵢ‖₁ / ‖mᵢ⊙τᵢ‖₁ over the whole tensor (1.0: no rescale)."""
+    p = inputs.params
+    factors = []
+    for i, expert in enumerate(inputs.experts):
+        if not p.rescale or p.rescale_mode != "l1" or expert.params.density >= 1 or expert.params.density <= 0:
+            factors.append(1.0)
+            continue
+        delta = expert.load()
+        delta -= inputs.base
+        before = float(delta.abs().sum())
+        after = float(delta.mul_(_mask(inputs, i, delta)).abs().sum())
+        factors.append(1.0 if before < L1_EPS or after < L1_EPS else before / after)
+    return factors
+
+
 def _sparsify(inputs: ChunkInputs, i: int, delta: torch.Tensor) -> torch.Tensor:
     density = inputs.experts[i].params.density
     if density >= 1:
         return delta
-    keep = keep_mask(inputs.seed, inputs.tensor, i, inputs.start, delta.numel(), density)
-    delta.mul_(keep.to(delta.device).reshape(delta.shape))
+    if density <= 0:
+        return delta.zero_()
+    delta.mul_(_mask(inputs, i, delta))
     if inputs.params.rescale:
-        delta /= density
+        delta *= inputs.state[i] if inputs.params.rescale_mode == "l1" else 1.0 / density
     return delta
 
 
@@ -71,5 +106,5 @@ def merge_ties(inputs: ChunkInputs) -> torch.Tensor:
     return merge_task_vectors(inputs, _sparsify, consensus=True)
 
 
-LINEAR = MergeMethod("dare_linear", merge_linear, DareParams, DareModelParams, base_model="required")
-TIES = MergeMethod("dare_ties", merge_ties, DareParams, DareModelParams, base_model="required")
+LINEAR = MergeMethod("dare_linear", merge_linear, DareParams, DareModelParams, base_model="required", prepare=prepare)
+TIES = MergeMethod("dare_ties", merge_ties, DareParams, DareModelParams, base_model="required", prepare=prepare)

@@ -14,6 +14,7 @@ from .task_vectors import merge_task_vectors
 class TaskArithmeticParams:
     normalize: bool = False
     lambda_: float = 1.0
+    rescale: bool = False  # accepted for mergekit compatibility; no sparsification to rescale
     int8_mask: bool = False  # accepted for mergekit compatibility; masks are exact here anyway
 
 

@@ -10,11 +10,13 @@ uses an unstable ``argsort`` there, so its choice among equal magnitudes is unsp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .base import ChunkInputs, MergeMethod
+from .dare import L1_EPS
 from .task_vectors import merge_task_vectors
 
 
@@ -22,6 +24,7 @@ from .task_vectors import merge_task_vectors
 class TiesParams:
     normalize: bool = True
     lambda_: float = 1.0
+    rescale: bool = False  # mergekit: scale kept entries to the unmasked L1 norm
     int8_mask: bool = False  # accepted for mergekit compatibility; masks are exact here anyway
 
 
@@ -37,6 +40,7 @@ class _Trim:
 
     threshold: float | None  # None: keep everything (density >= 1)
     ties_left: int
+    scale: float = 1.0  # L1 rescale factor (``rescale: true``)
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -47,8 +51,11 @@ def prepare(inputs: ChunkInputs) -> list[_Trim]:
     trims = []
     for expert in inputs.experts:
         density = expert.params.density
-        if density >= 1:
+        if density >= 1 or math.prod(inputs.shape) == 0:
             trims.append(_Trim(None, 0))
+            continue
+        if density <= 0:  # mergekit: nothing kept
+            trims.append(_Trim(math.inf, 0))
             continue
         magnitude = expert.load()
         magnitude -= inputs.base
@@ -56,9 +63,15 @@ def prepare(inputs: ChunkInputs) -> list[_Trim]:
         flat = magnitude.reshape(-1)
         k = keep_count(density, flat.numel())
         threshold = flat.kthvalue(flat.numel() - k + 1).values
-        above = int((flat > threshold).sum())
-        trims.append(_Trim(float(threshold), k - above))
-        del magnitude, flat
+        above = flat > threshold
+        n_above = int(above.sum())
+        scale = 1.0
+        if inputs.params.rescale:
+            before = float(flat.sum())
+            after = float(flat[above].sum()) + (k - n_above) * float(threshold)
+            scale = 1.0 if before < L1_EPS or after < L1_EPS else before / after
+        trims.append(_Trim(float(threshold), k - n_above, scale))
+        del magnitude, flat, above
     return trims
 
 
@@ -85,7 +98,10 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
         if trims[i].threshold is None:
             return delta
         keep, used[i] = trim_mask(delta, trims[i])
-        return delta.mul_(keep)
+        delta.mul_(keep)
+        if trims[i].scale != 1.0:
+            delta *= trims[i].scale
+        return delta
 
     out = merge_task_vectors(inputs, sparsify, consensus=True)
     for trim, n in zip(trims, used):

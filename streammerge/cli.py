@@ -1,0 +1,144 @@
+"""The ``streammerge`` command line. rich lives here only; errors print one line, exit code 1."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import StreamMergeError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def handle_errors(fn):
+    """One line and exit 1 for user errors; a traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except StreamMergeError as e:
+            if debug:
+                raise
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+        except MemoryError:
+            if debug:
+                raise
+            _fail("out of memory; try a smaller --chunk-size or a machine with more RAM")
+        except OSError as e:
+            if debug:
+                raise
+            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+
+    return click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")(wrapper)
+
+
+@click.group()
+@click.version_option(package_name="streammerge")
+def main() -> None:
+    """Merge and convert huge LLM checkpoints tensor by tensor, in little RAM."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]: where the math runs.")
+@click.option("--out-shard-size", default="5GB", show_default=True, help="Max bytes per output shard (e.g. 200MB, 5GB).")
+@click.option("--chunk-size", "chunk_elements", default=None, type=int,
+              help="Elements per chunk for elementwise methods (a multiple of 1048576).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and memory estimate; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace the model files in a non-empty OUT_DIR.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@handle_errors
+def merge(config: Path, out_dir: Path, device: str, out_shard_size: str, chunk_elements: int | None,
+          dry_run: bool, overwrite: bool, quiet: bool) -> None:
+    """Merge as CONFIG (a mergekit YAML) says into the Hugging Face folder OUT_DIR."""
+    from .api import plan as make_plan
+    from .engine import resolve_device, run_merge
+    from .planner import DEFAULT_CHUNK_ELEMENTS, describe_plan
+
+    chunk = chunk_elements or DEFAULT_CHUNK_ELEMENTS
+    if chunk <= 0 or chunk % (1 << 20):
+        raise StreamMergeError(f"--chunk-size {chunk}: must be a positive multiple of 1048576")
+    the_plan = make_plan(config, out_dir, out_shard_size=out_shard_size, chunk_elements=chunk)
+    try:
+        if dry_run:
+            for line in describe_plan(the_plan):
+                click.echo(line)
+            return
+        dev = resolve_device(device)
+        if quiet:
+            result = run_merge(the_plan, dev, None, overwrite)
+        else:
+            result = _run_with_progress(the_plan, dev, overwrite)
+    finally:
+        the_plan.close()
+    if not quiet:
+        gbps = result.bytes_written / max(result.seconds, 1e-9) / 1e9
+        click.echo(f"wrote {result.tensors} tensors, {result.bytes_written / 1e9:.2f} GB to {result.out_dir} "
+                   f"in {result.seconds:.1f} s ({gbps:.2f} GB/s)")
+
+
+def _run_with_progress(plan, device, overwrite):
+    """One rich bar over output bytes: tensors done, bytes, speed and ETA."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from .engine import run_merge
+
+    n = len(plan.tensors)
+    total = sum(t.out.nbytes for t in plan.tensors)
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(f"{plan.config.method.name} 0/{n} tensors", total=total)
+        done = 0
+
+        def progress(name: str, nbytes: int) -> None:
+            nonlocal done
+            done += 1
+            bar.update(task, advance=nbytes, description=f"{plan.config.method.name} {done}/{n} tensors")
+
+        return run_merge(plan, device, progress, overwrite)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@handle_errors
+def inspect(path: Path) -> None:
+    """List the tensors, shards, dtypes and sizes of a checkpoint PATH (folder or file)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .io.reader import open_checkpoint
+    from .planner import _fmt_bytes
+
+    ckpt = open_checkpoint(path)
+    try:
+        table = Table(title=str(path))
+        for col in ("tensor", "dtype", "shape", "bytes", "file"):
+            table.add_column(col, justify="right" if col == "bytes" else "left")
+        per_file: dict[str, int] = {}
+        by_dtype: dict[str, int] = {}
+        for name in ckpt.names():
+            m = ckpt.meta(name)
+            dtype = str(m.dtype).replace("torch.", "")
+            table.add_row(name, dtype, "x".join(map(str, m.shape)) or "scalar", f"{m.nbytes:,}", m.file.name)
+            per_file[m.file.name] = per_file.get(m.file.name, 0) + m.nbytes
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + m.numel
+        console = Console()
+        console.print(table)
+        for f, n in per_file.items():
+            console.print(f"{f}: {_fmt_bytes(n)}")
+        params = ", ".join(f"{n:,} {d}" for d, n in by_dtype.items())
+        console.print(f"{len(ckpt.names())} tensors in {len(per_file)} file(s); parameters: {params}")
+    finally:
+        ckpt.close()

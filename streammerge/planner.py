@@ -1,0 +1,176 @@
+"""From a config and the inputs' headers, the full plan of a merge, before any tensor is read.
+
+The plan fixes every output tensor (name, shape, dtype), the order they are computed in, which
+shard each lands in, and estimates of output bytes and the engine's working set. Inconsistent
+inputs (a tensor missing from an expert, a shape mismatch, an output folder that overlaps an
+input) are refused here, naming the model and tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import LAYER_RE, MergeConfig
+from .errors import PlanError
+from .io.reader import Checkpoint, open_checkpoint
+from .io.writer import OutputTensor, ShardPlan, plan_shards
+
+DEFAULT_SHARD_BYTES = 5 * 10**9
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 per buffer; a multiple of dare.RNG_BLOCK
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+              "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"200MiB"`` -> 209_715_200, ``1024`` -> 1024 (bytes)."""
+    if isinstance(text, int):
+        value, unit = float(text), ""
+    else:
+        m = SIZE_RE.match(text)
+        if not m or (m.group(2) or "").lower() not in SIZE_UNITS:
+            raise PlanError(f"size {text!r} is not a byte count such as 1000000, 200MB or 5GB")
+        value, unit = float(m.group(1)), (m.group(2) or "").lower()
+    size = int(value * SIZE_UNITS[unit])
+    if size <= 0:
+        raise PlanError(f"size {text!r} must be positive")
+    return size
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    out: OutputTensor
+    merged: bool  # False: a non-float tensor copied from the reference model
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    out_dir: Path
+    reference: Checkpoint  # defines the output tensors and the non-weight files: the base, else models[0]
+    base: Checkpoint | None  # given to the method (None for methods that do not use one)
+    experts: list[Checkpoint]
+    tensors: list[PlannedTensor]
+    shards: list[ShardPlan]
+    num_layers: int
+    chunk_elements: int
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.data_bytes for s in self.shards)
+
+    @property
+    def working_set_bytes(self) -> int:
+        """Estimated peak bytes the engine holds beyond the Python/torch runtime."""
+        largest = max((t.out.numel for t in self.tensors), default=0)
+        method = self.config.method
+        chunk = min(largest, self.chunk_elements) if method.elementwise else largest
+        est = 6 * 4 * chunk  # base, 2 accumulators, one expert, its raw bytes, masks
+        if method.prepare is not None:
+            est = max(est, 3 * 4 * largest)  # whole-tensor statistics pass
+        return est
+
+    def close(self) -> None:
+        for ckpt in {id(c): c for c in [self.reference, self.base, *self.experts] if c is not None}.values():
+            ckpt.close()
+
+
+def _tensor_order(name: str) -> tuple[int, str]:
+    m = LAYER_RE.search(name)
+    if m:
+        return int(m.group(1)), name
+    return (-1, name) if "embed" in name else (1 << 30, name)
+
+
+def check_output_dir(out_dir: Path, inputs: list[Path]) -> None:
+    out = out_dir.resolve()
+    for p in inputs:
+        folder = (p if p.is_dir() else p.parent).resolve()
+        if out == folder or folder in out.parents:
+            raise PlanError(f"output folder {out_dir} is inside input {p}; choose a folder outside every input")
+        if out in folder.parents:
+            raise PlanError(f"input {p} is inside the output folder {out_dir}; choose another output folder")
+
+
+def make_plan(
+    config: MergeConfig,
+    out_dir: Path,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> MergePlan:
+    inputs = ([config.base_model] if config.base_model else []) + [m.path for m in config.models]
+    check_output_dir(out_dir, inputs)
+    opened: dict[Path, Checkpoint] = {}
+
+    def get(path: Path) -> Checkpoint:
+        key = path.resolve()
+        if key not in opened:
+            opened[key] = open_checkpoint(path)
+        return opened[key]
+
+    base = get(config.base_model) if config.base_model and config.method.base_model != "unused" else None
+    experts = [get(m.path) for m in config.experts]
+    reference = get(config.base_model) if config.base_model else experts[0]
+    tensors = []
+    for name in sorted(reference.names(), key=_tensor_order):
+        meta = reference.meta(name)
+        for entry, ckpt in zip(config.experts, experts):
+            if name not in ckpt:
+                raise PlanError(f"model {entry.path} has no tensor {name!r} (present in {reference.path})")
+            other = ckpt.meta(name)
+            if other.shape != meta.shape:
+                raise PlanError(
+                    f"tensor {name!r}: shape {list(other.shape)} in {entry.path} differs from "
+                    f"{list(meta.shape)} in {reference.path}; the models must share one architecture"
+                )
+        merged = meta.dtype.is_floating_point
+        dtype = (config.out_dtype or config.dtype or meta.dtype) if merged else meta.dtype
+        tensors.append(PlannedTensor(OutputTensor(name, dtype, meta.shape), merged))
+    if not tensors:
+        raise PlanError(f"{reference.path}: has no tensors to merge")
+    layers = [int(m.group(1)) for t in tensors if (m := LAYER_RE.search(t.out.name))]
+    return MergePlan(
+        config=config,
+        out_dir=out_dir,
+        reference=reference,
+        base=base,
+        experts=experts,
+        tensors=tensors,
+        shards=plan_shards([t.out for t in tensors], max_shard_bytes),
+        num_layers=max(layers) + 1 if layers else 0,
+        chunk_elements=chunk_elements,
+    )
+
+
+def describe_plan(plan: MergePlan) -> list[str]:
+    """Human-readable lines for ``--dry-run``."""
+    cfg = plan.config
+    dtypes = sorted({str(t.out.dtype).replace("torch.", "") for t in plan.tensors})
+    lines = [
+        f"method      {cfg.method.name}",
+        f"base        {cfg.base_model or '-'}",
+        *[f"expert      {e.path}" for e in cfg.experts],
+        f"tensors     {len(plan.tensors)} ({sum(not t.merged for t in plan.tensors)} copied), "
+        f"{plan.num_layers} layers, out dtype {', '.join(dtypes)}",
+        f"output      {_fmt_bytes(plan.output_bytes)} in {len(plan.shards)} shard(s) -> {plan.out_dir}",
+    ]
+    for s in plan.shards:
+        lines.append(f"  {s.file_name}  {len(s.tensors)} tensors  {_fmt_bytes(s.data_bytes)}")
+    lines.append(f"peak RAM    ~{_fmt_bytes(plan.working_set_bytes)} working set + the Python/torch runtime (~0.4 GB)")
+    return lines
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def chunk_ranges(numel: int, chunk: int) -> list[tuple[int, int]]:
+    """Flat ``(start, count)`` ranges covering ``numel`` elements."""
+    return [(s, min(chunk, numel - s)) for s in range(0, numel, chunk)] or [(0, 0)]
+
