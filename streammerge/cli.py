@@ -134,7 +134,7 @@ def inspect(path: Path) -> None:
             table.add_row(name, dtype, "x".join(map(str, m.shape)) or "scalar", f"{m.nbytes:,}", m.file.name)
             per_file[m.file.name] = per_file.get(m.file.name, 0) + m.nbytes
             by_dtype[dtype] = by_dtype.get(dtype, 0) + m.numel
-        console = Console()
+        console = Console() if sys.stdout.isatty() else Console(width=160)
         console.print(table)
         for f, n in per_file.items():
             console.print(f"{f}: {_fmt_bytes(n)}")
@@ -142,3 +142,5 @@ def inspect(path: Path) -> None:
         console.print(f"{len(ckpt.names())} tensors in {len(per_file)} file(s); parameters: {params}")
     finally:
         ckpt.close()
+if __name__ == "__main__":
+    main()
