@@ -153,3 +153,14 @@ def test_all_methods_are_chunk_invariant():
         whole = _run(name, b, ex, [1.0, 0.5, 0.7], **kw)
         chunked = _run(name, b, ex, [1.0, 0.5, 0.7], chunk=100, **kw)
         torch.testing.assert_close(chunked, whole, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kth_largest_equals_kthvalue(dtype):
+    from streammerge.methods.ties import kth_largest
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(100_003, generator=g) * 10.0 ** torch.randint(-20, 20, (100_003,), generator=g)).to(dtype).float().abs()
+    x[:50] = 0.0
+    for k in [1, 2, 77, 50_000, 100_002, 100_003]:
+        assert kth_largest(x, k) == float(x.kthvalue(x.numel() - k + 1).values), k

@@ -2,8 +2,8 @@
 the agreeing entries (see ``task_vectors`` for the consensus formula). ``normalize`` default true.
 
 Trim: per expert and tensor keep exactly k = max(1, int(density·numel)) entries of largest |τᵢ|.
-``prepare`` finds the k-th largest |τᵢ| over the whole tensor with ``kthvalue`` (O(n), where mergekit
-sorts). Ties at the threshold (common with bf16 inputs) are broken by position: entries strictly
+``prepare`` finds the k-th largest |τᵢ| over the whole tensor exactly by radix selection on the fp32
+bit pattern (two 16-bit histograms, O(n); mergekit sorts the whole tensor, O(n log n)). Ties at the threshold (common with bf16 inputs) are broken by position: entries strictly
 above the threshold are kept, then entries equal to it in row-major order until k are kept. mergekit
 uses an unstable ``argsort`` there, so its choice among equal magnitudes is unspecified.
 """
@@ -47,6 +47,27 @@ def keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
+def kth_largest(magnitude: torch.Tensor, k: int) -> float:
+    """Exact k-th largest value (1-based) of a flat, non-negative, finite fp32 tensor.
+
+    Non-negative IEEE floats order like their bit patterns read as int32, so the answer's upper 16
+    bits are found from a histogram of every element's upper 16 bits, and its lower 16 bits from a
+    histogram of the elements in that bucket.
+    """
+    bits = magnitude.view(torch.int32)
+    high = bits >> 16  # (n,) in [0, 2^15)
+    from_top = torch.bincount(high, minlength=1 << 15).flip(0).cumsum(0)
+    i = int(torch.searchsorted(from_top, torch.tensor(k, device=from_top.device)))
+    bucket = (1 << 15) - 1 - i
+    above = int(from_top[i - 1]) if i > 0 else 0
+    low_bits = bits[high == bucket] & 0xFFFF
+    del high
+    from_top = torch.bincount(low_bits, minlength=1 << 16).flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor(k - above, device=from_top.device)))
+    pattern = (bucket << 16) | ((1 << 16) - 1 - j)
+    return float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
+
+
 def prepare(inputs: ChunkInputs) -> list[_Trim]:
     trims = []
     for expert in inputs.experts:
@@ -62,7 +83,7 @@ def prepare(inputs: ChunkInputs) -> list[_Trim]:
         magnitude.abs_()
         flat = magnitude.reshape(-1)
         k = keep_count(density, flat.numel())
-        threshold = flat.kthvalue(flat.numel() - k + 1).values
+        threshold = kth_largest(flat, k)
         above = flat > threshold
         n_above = int(above.sum())
         scale = 1.0

@@ -1,0 +1,204 @@
+"""Benchmark streammerge against mergekit: wall time and peak RSS, each merge in its own process.
+
+    python scripts/bench_merge.py                       # ~0.5 B-param bf16 Llama set, base + 3 experts
+    python scripts/bench_merge.py --hidden 512 --layers 4 --vocab 8000 --scaling-experts 2,8
+
+Builds (once, reused afterwards) a Llama-shaped set under --data-dir: base + N experts, two
+safetensors shards each, written with the reference safetensors writer. Every merge runs as a child
+process; its peak RSS is that child's ``ru_maxrss`` (``os.wait4``), wall time is measured around it.
+Each input set is read once before timing so the page cache is warm for both tools. Prints markdown
+tables: streammerge vs mergekit per method (and their ratio), the RSS budget check
+(``import torch`` RSS + 4 × largest tensor in fp32), and streammerge's peak RSS versus expert count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{p}self_attn.{proj}.weight"] = (hidden, hidden)
+        shapes[f"{p}mlp.gate_proj.weight"] = (intermediate, hidden)
+        shapes[f"{p}mlp.up_proj.weight"] = (intermediate, hidden)
+        shapes[f"{p}mlp.down_proj.weight"] = (hidden, intermediate)
+        shapes[f"{p}input_layernorm.weight"] = (hidden,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def _seed(seed: int, name: str) -> int:
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+def write_model(folder: Path, shapes: dict[str, tuple[int, ...]], seed: int, base_seed: int | None, cfg: dict) -> None:
+    """A bf16 model in two shards. Experts are the base (same seed stream) plus a small perturbation."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(shapes)
+    half = len(names) // 2
+    files = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    weight_map, total = {}, 0
+    for file, group in files.items():
+        tensors = {}
+        for name in group:
+            shape = shapes[name]
+            g = torch.Generator().manual_seed(_seed(base_seed if base_seed is not None else seed, name))
+            t = torch.randn(shape, generator=g) * (0.02 if len(shape) == 2 else 0.1) + (1.0 if len(shape) == 1 else 0.0)
+            if base_seed is not None:
+                g2 = torch.Generator().manual_seed(_seed(seed, name))
+                t += 0.002 * torch.randn(shape, generator=g2)
+            tensors[name] = t.to(torch.bfloat16)
+            total += t.numel() * 2
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in group})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / ".complete").write_text("ok")
+
+
+def build_set(data_dir: Path, args, n_experts: int) -> list[Path]:
+    shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers, "num_attention_heads": args.hidden // 128 or 1,
+        "num_key_value_heads": args.hidden // 128 or 1, "vocab_size": args.vocab, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+    tag = f"h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}"
+    folders = [data_dir / tag / "base"] + [data_dir / tag / f"expert{i}" for i in range(n_experts)]
+    for i, folder in enumerate(folders):
+        if not (folder / ".complete").exists():
+            print(f"building {folder} ...", file=sys.stderr, flush=True)
+            write_model(folder, shapes, seed=i, base_seed=None if i == 0 else 0, cfg=cfg)
+    return folders
+
+
+def config_yaml(method: str, base: Path, experts: list[Path], extra_model: str = "", extra: str = "") -> str:
+    density = ", density: 0.5" if method in ("ties", "dare_ties", "dare_linear") else ""
+    models = "".join(f"  - model: {e}\n    parameters: {{weight: {1.0 / len(experts):.4f}{density}}}\n{extra_model}" for e in experts)
+    return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: float32\nout_dtype: bfloat16\n{extra}"
+
+
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
+    """Run ``cmd`` as a child; return (wall seconds, peak RSS bytes of that child, exit code)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        err = proc.stderr.read().decode(errors="replace")[-2000:]
+        print(f"command failed ({code}): {' '.join(cmd)}\n{err}", file=sys.stderr)
+    proc.stderr.close()
+    return wall, usage.ru_maxrss * 1024, code
+
+
+def warm(folders: list[Path]) -> None:
+    for folder in folders:
+        for f in folder.glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+
+
+def torch_import_rss() -> int:
+    return measure([sys.executable, "-c", "import torch"])[1]
+
+
+def run_tool(tool: str, cfg_path: Path, out: Path) -> tuple[float, int, int]:
+    shutil.rmtree(out, ignore_errors=True)
+    if tool == "streammerge":
+        cmd = [sys.executable, "-m", "streammerge.cli", "merge", str(cfg_path), str(out), "--quiet", "--device", "cpu"]
+    else:
+        cmd = [shutil.which("mergekit-yaml") or "mergekit-yaml", str(cfg_path), str(out)]
+    result = measure(cmd)
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e10 else f"{n / 1e6:.0f} MB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--intermediate", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--experts", type=int, default=3)
+    ap.add_argument("--methods", default="task_arithmetic,ties")
+    ap.add_argument("--scaling-experts", default="2,8", help="expert counts for the RSS-growth table ('' to skip)")
+    ap.add_argument("--data-dir", type=Path, default=ROOT / "bench_data")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    args = ap.parse_args()
+
+    shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
+    params = sum(math.prod(s) for s in shapes.values())
+    largest_fp32 = max(math.prod(s) for s in shapes.values()) * 4
+    scaling = [int(x) for x in args.scaling_experts.split(",") if x]
+    folders = build_set(args.data_dir, args, max([args.experts, *scaling]))
+    base, experts = folders[0], folders[1 : 1 + args.experts]
+    have_mergekit = shutil.which("mergekit-yaml") is not None and not args.skip_mergekit
+    work = args.data_dir / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    torch_rss = torch_import_rss()
+
+    print(f"\nset: {params / 1e9:.3f} B params/model, bf16, base + {args.experts} experts, 2 shards each; "
+          f"largest tensor {gb(largest_fp32)} in fp32; `import torch` RSS {gb(torch_rss)}; {os.cpu_count()} CPUs\n")
+    print("| method | tool | wall s | peak RSS | wall ratio | RSS ratio |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    warm([base, *experts])
+    budget = torch_rss + 4 * largest_fp32
+    rss_rows = []
+    for method in args.methods.split(","):
+        cfg_path = work / f"{method}.yaml"
+        cfg_path.write_text(config_yaml(method, base, experts))
+        sm_wall, sm_rss, sm_code = run_tool("streammerge", cfg_path, work / "out-sm")
+        mk = run_tool("mergekit", cfg_path, work / "out-mk") if have_mergekit else None
+        wr = f"{sm_wall / mk[0]:.2f}x" if mk and mk[2] == 0 else "-"
+        rr = f"{sm_rss / mk[1]:.2f}x" if mk and mk[2] == 0 else "-"
+        print(f"| {method} | streammerge | {sm_wall:.1f} | {gb(sm_rss)} | {wr} | {rr} |" + ("" if sm_code == 0 else " FAILED"))
+        if mk:
+            print(f"| {method} | mergekit 0.1.5 | {mk[0]:.1f} | {gb(mk[1])} | 1.00x | 1.00x |" + ("" if mk[2] == 0 else " FAILED"))
+        rss_rows.append((method, sm_rss))
+    print(f"\nRSS budget (import torch + 4 x largest fp32 tensor) = {gb(budget)}")
+    for method, rss in rss_rows:
+        print(f"- {method}: {gb(rss)} ({'within' if rss <= budget else 'OVER'} budget)")
+
+    if scaling:
+        print("\n| experts | method | wall s | peak RSS | RSS vs first |")
+        print("| ---: | --- | ---: | ---: | ---: |")
+        for method in args.methods.split(","):
+            first = None
+            for n in scaling:
+                cfg_path = work / f"{method}-{n}.yaml"
+                cfg_path.write_text(config_yaml(method, base, folders[1 : 1 + n]))
+                warm(folders[1 : 1 + n])
+                wall, rss, _ = run_tool("streammerge", cfg_path, work / "out-sm")
+                first = first or rss
+                print(f"| {n} | {method} | {wall:.1f} | {gb(rss)} | {100 * (rss / first - 1):+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
