@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -99,18 +100,28 @@ def config_yaml(method: str, base: Path, experts: list[Path], extra_model: str =
     return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: float32\nout_dtype: bfloat16\n{extra}"
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
+# A small launcher process runs the command and reports its child's rusage. Measuring from this
+# (large) process directly would count its own pages: a fork or vfork child shares or copies the
+# parent's memory until exec, and ru_maxrss includes that.
+LAUNCHER = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps([time.perf_counter() - t0, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)]))
+"""
+
+
+def measure(cmd: list[str]) -> tuple[float, int, int]:
     """Run ``cmd`` as a child; return (wall seconds, peak RSS bytes of that child, exit code)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        err = proc.stderr.read().decode(errors="replace")[-2000:]
-        print(f"command failed ({code}): {' '.join(cmd)}\n{err}", file=sys.stderr)
-    proc.stderr.close()
-    return wall, usage.ru_maxrss * 1024, code
+    exe = shutil.which(cmd[0]) or cmd[0]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, exe, *cmd[1:]], stdout=subprocess.PIPE, stderr=err)
+        wall, rss, code = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+        if code != 0:
+            err.seek(0)
+            print(f"command failed ({code}): {' '.join(cmd)}\n{err.read().decode(errors='replace')[-2000:]}", file=sys.stderr)
+    return wall, rss, code
 
 
 def warm(folders: list[Path]) -> None:
