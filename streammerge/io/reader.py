@@ -18,7 +18,6 @@ after every ``BIN_REMAP_BYTES`` read so that their mapped pages are released.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import zipfile
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .safetensors_format import TORCH_TO_ST, TensorEntry, parse_header
+from .safetensors_format import TORCH_TO_ST, TensorEntry, TensorSpec, parse_header
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -36,21 +35,10 @@ BIN_REMAP_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
-class TensorMeta:
+class TensorMeta(TensorSpec):
     """What the planner needs to know about one input tensor, from headers alone."""
 
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
     file: Path
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 class Checkpoint:

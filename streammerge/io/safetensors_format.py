@@ -64,6 +64,23 @@ def itemsize(dtype: str) -> int:
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's name, torch dtype and shape: all the planner and writer need to lay it out."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     """One tensor's header entry. ``begin``/``end`` are absolute byte offsets in the file."""
 

@@ -16,7 +16,6 @@ with metadata ``{"format": "pt"}``.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,25 +23,13 @@ from pathlib import Path
 import torch
 
 from ..errors import OutputError
-from .safetensors_format import TORCH_TO_ST, build_header
+from .safetensors_format import TORCH_TO_ST, TensorSpec, build_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_METADATA = {"format": "pt"}
 
 
-@dataclass(frozen=True)
-class OutputTensor:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+OutputTensor = TensorSpec  # an output tensor is fully described by name, dtype and shape
 
 
 @dataclass
