@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,17 +78,18 @@ def merge_tensor(plan: MergePlan, tensor: PlannedTensor, writer: ShardWriter, de
         return
     method = plan.config.method
     params, model_params = resolve_parameters(plan.config, out.name, layer_position(out.name, plan.num_layers))
-    state = None
-    if method.prepare is not None:
-        state = method.prepare(_inputs(plan, tensor, params, model_params, 0, None, None, device))
-    if method.elementwise:
-        for start, count in chunk_ranges(out.numel, plan.chunk_elements):
-            result = method.merge(_inputs(plan, tensor, params, model_params, start, count, state, device))
-            writer.write(out.name, result.to(out.dtype), start)
-            del result
-    else:
-        result = method.merge(_inputs(plan, tensor, params, model_params, 0, None, state, device))
-        writer.write(out.name, result.reshape(out.shape).to(out.dtype))
+    ranges = chunk_ranges(out.numel, plan.chunk_elements) if method.elementwise else [(0, None)]
+
+    def chunks(state=None) -> Iterator[ChunkInputs]:
+        for start, count in ranges:
+            yield _inputs(plan, tensor, params, model_params, start, count, state, device)
+
+    state = method.prepare(chunks) if method.prepare is not None else None
+    for inputs in chunks(state):
+        result = method.merge(inputs)
+        writer.write(out.name, result.reshape(-1).to(out.dtype), inputs.start)
+        del inputs, result
+
 
 
 def _prefetch(plan: MergePlan, tensor: PlannedTensor) -> None:

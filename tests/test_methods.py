@@ -26,11 +26,13 @@ def _run(method_name, base, experts, weights, densities=None, chunk=None, seed=0
         ex = [ExpertInput(lambda e=e: sl(e), q) for e, q in zip(experts, mp)]
         return ChunkInputs("model.layers.0.mlp.w", shape, start, sl(base) if base is not None else None, ex, p, seed, state)
 
-    state = m.prepare(inputs(0, None, None)) if m.prepare else None
-    if chunk is None:
-        return m.merge(inputs(0, None, state)).reshape(shape)
-    parts = [m.merge(inputs(s, c, state)) for s, c in chunk_ranges(experts[0].numel(), chunk)]
-    return torch.cat(parts).reshape(shape)
+    ranges = chunk_ranges(experts[0].numel(), chunk) if chunk else [(0, None)]
+
+    def chunks(state=None):
+        return (inputs(s, c, state) for s, c in ranges)
+
+    state = m.prepare(chunks) if m.prepare else None
+    return torch.cat([m.merge(x).reshape(-1) for x in chunks(state)]).reshape(shape)
 
 
 def test_linear_formula():
@@ -88,15 +90,7 @@ def test_ties_keeps_exactly_k_with_tied_magnitudes_in_row_major_order():
     top = (expert.abs() == 0.5).nonzero().reshape(-1)
     assert kept.tolist() == top[:12].tolist()
     # chunking (here 7-element chunks) must not change which ties are kept
-    m = METHODS["ties"]
-    p, mp = m.params(), [m.model_params(weight=1.0, density=0.3)]
-    whole = ChunkInputs("t", (40,), 0, base.clone(), [ExpertInput(lambda: expert.clone(), mp[0])], p, 0)
-    state = m.prepare(whole)
-    parts = []
-    for s, c in chunk_ranges(40, 7):
-        ex = [ExpertInput(lambda s=s, c=c: expert[s : s + c].clone(), mp[0])]
-        parts.append(m.merge(ChunkInputs("t", (40,), s, base[s : s + c].clone(), ex, p, 0, state)))
-    assert torch.equal(torch.cat(parts), out)
+    assert torch.equal(_run("ties", base, [expert], [1.0], [0.3], chunk=7), out)
 
 
 def test_ties_l1_rescale_matches_formula():

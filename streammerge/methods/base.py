@@ -8,8 +8,11 @@ the engine uses to stream:
 - ``elementwise``: output element j depends only on element j of the inputs (plus per-tensor state
   from ``prepare``). The engine may then hand ``merge`` flat 1-D chunks of the tensor, so peak memory
   does not depend on the size of the largest tensor.
-- ``prepare``: an optional whole-tensor pass run before the chunks (e.g. TIES' per-expert magnitude
-  threshold); what it returns is passed to every chunk as ``inputs.state``.
+- ``prepare``: an optional statistics pass run before the chunks (e.g. TIES' per-expert magnitude
+  threshold). It is called with ``chunks``, a function that yields the tensor's ``ChunkInputs`` one
+  chunk at a time (a single whole-tensor one for non-elementwise methods) and may be called again
+  for another pass, so statistics over huge tensors need only chunk-sized memory. What ``prepare``
+  returns is passed to every chunk of ``merge`` as ``inputs.state``.
 
 Experts are *loaders*, not tensors: ``experts[i].load()`` reads expert i's chunk (fp32, on the compute
 device) when called, so a method that accumulates expert by expert holds one expert at a time, and
@@ -22,7 +25,7 @@ included, as an expert and are never given a base tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,7 +65,7 @@ class MergeMethod:
     model_params: type  # frozen dataclass of per-model parameters
     base_model: Literal["required", "optional", "unused"]
     elementwise: bool = True
-    prepare: Callable[[ChunkInputs], Any] | None = None
+    prepare: Callable[[Callable[[], Iterator[ChunkInputs]]], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ bytes whatever the device, the chunking (a multiple of B) or the order tensors a
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,19 +71,26 @@ def _mask(inputs: ChunkInputs, i: int, delta: torch.Tensor) -> torch.Tensor:
     return keep.to(delta.device).reshape(delta.shape)
 
 
-def prepare(inputs: ChunkInputs) -> list[float]:
+def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[float]:
     """Per expert, the L1 rescale factor ‖τᵢ‖₁ / ‖mᵢ⊙τᵢ‖₁ over the whole tensor (1.0: no rescale)."""
-    p = inputs.params
-    factors = []
-    for i, expert in enumerate(inputs.experts):
-        if not p.rescale or p.rescale_mode != "l1" or expert.params.density >= 1 or expert.params.density <= 0:
-            factors.append(1.0)
-            continue
-        delta = expert.load()
-        delta -= inputs.base
-        before = float(delta.abs().sum())
-        after = float(delta.mul_(_mask(inputs, i, delta)).abs().sum())
-        factors.append(1.0 if before < L1_EPS or after < L1_EPS else before / after)
+    first = next(chunks())
+    p = first.params
+    needed = [
+        i for i, e in enumerate(first.experts)
+        if p.rescale and p.rescale_mode == "l1" and 0 < e.params.density < 1
+    ]
+    factors = [1.0] * len(first.experts)
+    del first
+    before, after = [0.0] * len(needed), [0.0] * len(needed)
+    if needed:
+        for inputs in chunks():
+            for j, i in enumerate(needed):
+                delta = inputs.experts[i].load()
+                delta -= inputs.base
+                before[j] += float(delta.abs().sum(dtype=torch.float64))
+                after[j] += float(delta.mul_(_mask(inputs, i, delta)).abs().sum(dtype=torch.float64))
+    for j, i in enumerate(needed):
+        factors[i] = 1.0 if before[j] < L1_EPS or after[j] < L1_EPS else before[j] / after[j]
     return factors
 
 

@@ -6,8 +6,12 @@
                          δ = Σ kᵢwᵢτ'ᵢ,               divisor = Σ kᵢwᵢ     (0 → 1)
     θ = θ₀ + λ·(δ / divisor if normalize else δ)
 
-Experts are loaded one at a time (twice with consensus: sign sum, then the disjoint sum), so memory
-holds the base, two accumulators and one expert, whatever the number of experts.
+Experts are loaded one at a time, once each, so memory holds the base, the accumulators and one
+expert whatever the number of experts. The consensus is computed in that single pass: besides the
+sign sum S = Σ wᵢτ'ᵢ (accumulated in expert order, as mergekit sums, so the elected sign is the same
+to the bit), it accumulates the positive and negative parts P = Σ max(wᵢτ'ᵢ, 0), N = Σ min(wᵢτ'ᵢ, 0)
+and their weights WP = Σ wᵢ[wᵢτ'ᵢ > 0], WN = Σ wᵢ[wᵢτ'ᵢ < 0]; then δ, divisor = (P, WP) where S ≥ 0,
+else (N, WN). Adding the zeros of the other sign is exact, so δ equals mergekit's masked sum.
 """
 
 from __future__ import annotations
@@ -43,17 +47,22 @@ def merge_task_vectors(inputs: ChunkInputs, sparsify: Sparsifier = _no_sparsify,
         return inputs.base.clone()
     if consensus:
         sign_sum = torch.zeros_like(inputs.base)
+        pos, neg = torch.zeros_like(inputs.base), torch.zeros_like(inputs.base)
+        pos_w, neg_w = torch.zeros_like(inputs.base), torch.zeros_like(inputs.base)
         for i in range(n):
-            sign_sum += weighted_delta(inputs, i, sparsify)
-        majority = torch.where(sign_sum >= 0, 1.0, -1.0)
-        del sign_sum
-        mixed = torch.zeros_like(inputs.base)
-        divisor = torch.zeros_like(inputs.base)
-        for i in range(n):
+            w = inputs.experts[i].params.weight
             wd = weighted_delta(inputs, i, sparsify)
-            agree = (torch.sign(wd) == majority).to(wd.dtype)
-            mixed.addcmul_(wd, agree)
-            divisor.add_(agree, alpha=inputs.experts[i].params.weight)
+            sign_sum += wd
+            pos_w.add_(wd > 0, alpha=w)
+            neg_w.add_(wd < 0, alpha=w)
+            neg += wd.clamp(max=0)
+            pos += wd.clamp_(min=0)
+            del wd
+        elect = sign_sum >= 0  # zero counts as +
+        del sign_sum
+        mixed = torch.where(elect, pos, neg)
+        divisor = torch.where(elect, pos_w, neg_w)
+        del pos, neg, pos_w, neg_w, elect
         divisor[divisor == 0] = 1.0
     else:
         mixed = torch.zeros_like(inputs.base)

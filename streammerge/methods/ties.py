@@ -1,16 +1,19 @@
 """TIES merging (mergekit ``ties``): trim each task vector to its top-k magnitudes, elect a sign, merge
 the agreeing entries (see ``task_vectors`` for the consensus formula). ``normalize`` default true.
 
-Trim: per expert and tensor keep exactly k = max(1, int(density·numel)) entries of largest |τᵢ|.
-``prepare`` finds the k-th largest |τᵢ| over the whole tensor exactly by radix selection on the fp32
-bit pattern (two 16-bit histograms, O(n); mergekit sorts the whole tensor, O(n log n)). Ties at the threshold (common with bf16 inputs) are broken by position: entries strictly
-above the threshold are kept, then entries equal to it in row-major order until k are kept. mergekit
-uses an unstable ``argsort`` there, so its choice among equal magnitudes is unspecified.
+Trim: per expert and tensor keep exactly k = max(1, int(density·numel)) entries of largest |τᵢ|
+(density ≤ 0 keeps none, as mergekit). ``prepare`` finds the k-th largest |τᵢ| exactly by radix
+selection on the fp32 bit pattern, streaming the tensor chunk by chunk twice (two 16-bit histograms:
+O(n) time, chunk-sized memory; mergekit sorts the whole tensor, O(n log n) time and several copies).
+Ties at the threshold (common with bf16 inputs) are broken by position: entries strictly above the
+threshold are kept, then entries equal to it in row-major order until k are kept. mergekit uses an
+unstable ``argsort`` there, so its choice among equal magnitudes is unspecified.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +21,8 @@ import torch
 from .base import ChunkInputs, MergeMethod
 from .dare import L1_EPS
 from .task_vectors import merge_task_vectors
+
+HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16  # non-negative fp32: 15 high bits after the sign, 16 low bits
 
 
 @dataclass(frozen=True)
@@ -39,94 +44,147 @@ class _Trim:
     """Per expert: keep |τ| > threshold, plus the first ``ties_left`` entries with |τ| == threshold."""
 
     threshold: float | None  # None: keep everything (density >= 1)
-    ties_left: int
+    ties_left: int  # threshold ties still to keep, in row-major order
+    ties_total: int = 0  # entries equal to the threshold in the whole tensor
     scale: float = 1.0  # L1 rescale factor (``rescale: true``)
 
 
-def keep_count(density: float, numel: int) -> int:
-    return max(1, int(density * numel))
+class RadixSelect:
+    """Exact k-th largest of a non-negative, finite fp32 stream, seen in two passes of chunks.
+
+    Non-negative IEEE floats order like their bit patterns read as int32. Pass 1 histograms every
+    value's upper 16 bits; that fixes the bucket holding the k-th largest. Pass 2 histograms the lower
+    16 bits of the values in that bucket, which fixes the value and how many are above and equal to it.
+    """
+
+    def __init__(self, k: int, device: torch.device):
+        self.k = k
+        self.high = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
+        self.low = torch.zeros(LOW_BINS, dtype=torch.int64, device=device)
+        self.bucket = -1
+        self.above_bucket = 0
+
+    def add_high(self, magnitude: torch.Tensor) -> None:
+        self.high += torch.bincount((magnitude.view(torch.int32) >> 16).reshape(-1), minlength=HIGH_BINS)
+
+    def choose_bucket(self) -> None:
+        from_top = self.high.flip(0).cumsum(0)
+        i = int(torch.searchsorted(from_top, torch.tensor(self.k, device=from_top.device)))
+        self.bucket = HIGH_BINS - 1 - i
+        self.above_bucket = int(from_top[i - 1]) if i > 0 else 0
+
+    def add_low(self, magnitude: torch.Tensor) -> None:
+        bits = magnitude.view(torch.int32).reshape(-1)
+        self.low += torch.bincount(bits[(bits >> 16) == self.bucket] & 0xFFFF, minlength=LOW_BINS)
+
+    def result(self) -> tuple[float, int, int]:
+        """(k-th largest value, how many values are strictly above it, how many equal it)."""
+        from_top = self.low.flip(0).cumsum(0)
+        j = int(torch.searchsorted(from_top, torch.tensor(self.k - self.above_bucket, device=from_top.device)))
+        pattern = (self.bucket << 16) | (LOW_BINS - 1 - j)
+        value = float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
+        above = self.above_bucket + (int(from_top[j - 1]) if j > 0 else 0)
+        return value, above, int(self.low[LOW_BINS - 1 - j])
 
 
 def kth_largest(magnitude: torch.Tensor, k: int) -> float:
-    """Exact k-th largest value (1-based) of a flat, non-negative, finite fp32 tensor.
-
-    Non-negative IEEE floats order like their bit patterns read as int32, so the answer's upper 16
-    bits are found from a histogram of every element's upper 16 bits, and its lower 16 bits from a
-    histogram of the elements in that bucket.
-    """
-    bits = magnitude.view(torch.int32)
-    high = bits >> 16  # (n,) in [0, 2^15)
-    from_top = torch.bincount(high, minlength=1 << 15).flip(0).cumsum(0)
-    i = int(torch.searchsorted(from_top, torch.tensor(k, device=from_top.device)))
-    bucket = (1 << 15) - 1 - i
-    above = int(from_top[i - 1]) if i > 0 else 0
-    low_bits = bits[high == bucket] & 0xFFFF
-    del high
-    from_top = torch.bincount(low_bits, minlength=1 << 16).flip(0).cumsum(0)
-    j = int(torch.searchsorted(from_top, torch.tensor(k - above, device=from_top.device)))
-    pattern = (bucket << 16) | ((1 << 16) - 1 - j)
-    return float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
+    """Exact k-th largest value (1-based) of a non-negative, finite fp32 tensor."""
+    select = RadixSelect(k, magnitude.device)
+    select.add_high(magnitude)
+    select.choose_bucket()
+    select.add_low(magnitude)
+    return select.result()[0]
 
 
-def prepare(inputs: ChunkInputs) -> list[_Trim]:
-    trims = []
-    for expert in inputs.experts:
-        density = expert.params.density
-        if density >= 1 or math.prod(inputs.shape) == 0:
-            trims.append(_Trim(None, 0))
-            continue
-        if density <= 0:  # mergekit: nothing kept
-            trims.append(_Trim(math.inf, 0))
-            continue
-        magnitude = expert.load()
+def _magnitudes(inputs: ChunkInputs, selected: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    for i in selected:
+        magnitude = inputs.experts[i].load()
         magnitude -= inputs.base
-        magnitude.abs_()
-        flat = magnitude.reshape(-1)
-        k = keep_count(density, flat.numel())
-        threshold = kth_largest(flat, k)
-        above = flat > threshold
-        n_above = int(above.sum())
-        scale = 1.0
-        if inputs.params.rescale:
-            before = float(flat.sum())
-            after = float(flat[above].sum()) + (k - n_above) * float(threshold)
-            scale = 1.0 if before < L1_EPS or after < L1_EPS else before / after
-        trims.append(_Trim(float(threshold), k - n_above, scale))
-        del magnitude, flat, above
+        yield i, magnitude.abs_()
+
+
+def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[_Trim]:
+    first = next(chunks())
+    numel = math.prod(first.shape)
+    trims: list[_Trim] = []
+    selects: dict[int, RadixSelect] = {}
+    for i, expert in enumerate(first.experts):
+        density = expert.params.density
+        if density >= 1 or numel == 0:
+            trims.append(_Trim(None, 0))
+        elif density <= 0:  # mergekit: nothing kept
+            trims.append(_Trim(math.inf, 0))
+        else:
+            trims.append(_Trim(0.0, 0))
+            selects[i] = RadixSelect(max(1, int(density * numel)), first.device)
+    rescale = first.params.rescale
+    del first
+    if not selects:
+        return trims
+    totals = dict.fromkeys(selects, 0.0)
+    for inputs in chunks():
+        for i, magnitude in _magnitudes(inputs, list(selects)):
+            selects[i].add_high(magnitude)
+            totals[i] += float(magnitude.sum(dtype=torch.float64))
+    for select in selects.values():
+        select.choose_bucket()
+    for inputs in chunks():
+        for i, magnitude in _magnitudes(inputs, list(selects)):
+            selects[i].add_low(magnitude)
+    for i, select in selects.items():
+        threshold, above, tied = select.result()
+        trims[i] = _Trim(threshold, select.k - above, tied)
+    if rescale:
+        _l1_scales(chunks, trims, totals)
     return trims
 
 
-def trim_mask(delta: torch.Tensor, trim: _Trim) -> tuple[torch.Tensor, int]:
-    """Boolean keep-mask for this chunk of τᵢ and how many threshold ties it used."""
+def _l1_scales(chunks: Callable[[], Iterator[ChunkInputs]], trims: list[_Trim], totals: dict[int, float]) -> None:
+    """scale = ‖τ‖₁ / ‖kept τ‖₁ per trimmed expert (mergekit's ``rescale_norm=l1``)."""
+    kept = dict.fromkeys(totals, 0.0)
+    for inputs in chunks():
+        for i, magnitude in _magnitudes(inputs, list(totals)):
+            kept[i] += float(magnitude[magnitude > trims[i].threshold].sum(dtype=torch.float64))
+    for i, total in totals.items():
+        after = kept[i] + trims[i].ties_left * trims[i].threshold
+        trims[i].scale = 1.0 if total < L1_EPS or after < L1_EPS else total / after
+
+
+def trim_mask(delta: torch.Tensor, trim: _Trim) -> tuple[torch.Tensor, int, int]:
+    """Boolean keep-mask for this chunk of τᵢ, the threshold ties it kept and the ties it saw."""
     magnitude = delta.abs()
+    if trim.ties_left >= trim.ties_total:  # every remaining tie is kept: no counting (the usual case)
+        return magnitude >= trim.threshold, 0, 0
     keep = magnitude > trim.threshold
     tied = (magnitude == trim.threshold).reshape(-1)
-    n_tied = int(tied.sum())
-    if n_tied <= trim.ties_left:
+    seen = int(torch.count_nonzero(tied))
+    if seen <= trim.ties_left:
         keep |= tied.reshape(keep.shape)
-        return keep, n_tied
+        return keep, seen, seen
     if trim.ties_left > 0:
         first = tied.nonzero().reshape(-1)[: trim.ties_left]
         keep.view(-1)[first] = True
-    return keep, trim.ties_left
+    return keep, trim.ties_left, seen
 
 
 def merge(inputs: ChunkInputs) -> torch.Tensor:
     trims: list[_Trim] = inputs.state
-    used = [0] * len(trims)  # ties consumed in this chunk; the same in both consensus passes
+    ties = [(0, 0)] * len(trims)  # threshold ties (kept, seen) in this chunk, per expert
 
     def sparsify(_: ChunkInputs, i: int, delta: torch.Tensor) -> torch.Tensor:
         if trims[i].threshold is None:
             return delta
-        keep, used[i] = trim_mask(delta, trims[i])
+        keep, kept, seen = trim_mask(delta, trims[i])
+        ties[i] = (kept, seen)
         delta.mul_(keep)
         if trims[i].scale != 1.0:
             delta *= trims[i].scale
         return delta
 
     out = merge_task_vectors(inputs, sparsify, consensus=True)
-    for trim, n in zip(trims, used):
-        trim.ties_left -= n  # later chunks of this tensor see the remaining tie budget
+    for trim, (kept, seen) in zip(trims, ties):
+        trim.ties_left -= kept  # later chunks of this tensor see the remaining budget and ties
+        trim.ties_total -= seen
     return out
 
 
