@@ -121,11 +121,9 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[_Trim]:
     del first
     if not selects:
         return trims
-    totals = dict.fromkeys(selects, 0.0)
     for inputs in chunks():
         for i, magnitude in _magnitudes(inputs, list(selects)):
             selects[i].add_high(magnitude)
-            totals[i] += float(magnitude.sum(dtype=torch.float64))
     for select in selects.values():
         select.choose_bucket()
     for inputs in chunks():
@@ -135,15 +133,16 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[_Trim]:
         threshold, above, tied = select.result()
         trims[i] = _Trim(threshold, select.k - above, tied)
     if rescale:
-        _l1_scales(chunks, trims, totals)
+        _l1_scales(chunks, trims, list(selects))
     return trims
 
 
-def _l1_scales(chunks: Callable[[], Iterator[ChunkInputs]], trims: list[_Trim], totals: dict[int, float]) -> None:
+def _l1_scales(chunks: Callable[[], Iterator[ChunkInputs]], trims: list[_Trim], trimmed: list[int]) -> None:
     """scale = ‖τ‖₁ / ‖kept τ‖₁ per trimmed expert (mergekit's ``rescale_norm=l1``)."""
-    kept = dict.fromkeys(totals, 0.0)
+    totals, kept = dict.fromkeys(trimmed, 0.0), dict.fromkeys(trimmed, 0.0)
     for inputs in chunks():
-        for i, magnitude in _magnitudes(inputs, list(totals)):
+        for i, magnitude in _magnitudes(inputs, trimmed):
+            totals[i] += float(magnitude.sum(dtype=torch.float64))
             kept[i] += float(magnitude[magnitude > trims[i].threshold].sum(dtype=torch.float64))
     for i, total in totals.items():
         after = kept[i] + trims[i].ties_left * trims[i].threshold
