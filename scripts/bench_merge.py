@@ -108,20 +108,21 @@ import json, os, sys, time
 t0 = time.perf_counter()
 pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ)
 _, status, usage = os.wait4(pid, 0)
-print(json.dumps([time.perf_counter() - t0, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)]))
+cpu = usage.ru_utime + usage.ru_stime
+print(json.dumps([time.perf_counter() - t0, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status), cpu]))
 """
 
 
-def measure(cmd: list[str]) -> tuple[float, int, int]:
-    """Run ``cmd`` as a child; return (wall seconds, peak RSS bytes of that child, exit code)."""
+def measure(cmd: list[str]) -> tuple[float, int, int, float]:
+    """Run ``cmd`` as a child; return (wall s, peak RSS bytes of that child, exit code, CPU s)."""
     exe = shutil.which(cmd[0]) or cmd[0]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, exe, *cmd[1:]], stdout=subprocess.PIPE, stderr=err)
-        wall, rss, code = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+        wall, rss, code, cpu = json.loads(proc.stdout.decode().strip().splitlines()[-1])
         if code != 0:
             err.seek(0)
             print(f"command failed ({code}): {' '.join(cmd)}\n{err.read().decode(errors='replace')[-2000:]}", file=sys.stderr)
-    return wall, rss, code
+    return wall, rss, code, cpu
 
 
 def warm(folders: list[Path]) -> None:
@@ -136,7 +137,7 @@ def torch_import_rss() -> int:
     return measure([sys.executable, "-c", "import torch"])[1]
 
 
-def run_tool(tool: str, cfg_path: Path, out: Path) -> tuple[float, int, int]:
+def run_tool(tool: str, cfg_path: Path, out: Path) -> tuple[float, int, int, float]:
     shutil.rmtree(out, ignore_errors=True)
     if tool == "streammerge":
         cmd = [sys.executable, "-m", "streammerge.cli", "merge", str(cfg_path), str(out), "--quiet", "--device", "cpu"]
@@ -177,38 +178,38 @@ def main() -> None:
 
     print(f"\nset: {params / 1e9:.3f} B params/model, bf16, base + {args.experts} experts, 2 shards each; "
           f"largest tensor {gb(largest_fp32)} in fp32; `import torch` RSS {gb(torch_rss)}; {os.cpu_count()} CPUs\n")
-    print("| method | tool | wall s | peak RSS | wall ratio | RSS ratio |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| method | tool | wall s | CPU s | peak RSS | wall ratio | RSS ratio |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
     warm([base, *experts])
     budget = torch_rss + 4 * largest_fp32
     rss_rows = []
     for method in args.methods.split(","):
         cfg_path = work / f"{method}.yaml"
         cfg_path.write_text(config_yaml(method, base, experts))
-        sm_wall, sm_rss, sm_code = run_tool("streammerge", cfg_path, work / "out-sm")
+        sm_wall, sm_rss, sm_code, sm_cpu = run_tool("streammerge", cfg_path, work / "out-sm")
         mk = run_tool("mergekit", cfg_path, work / "out-mk") if have_mergekit else None
         wr = f"{sm_wall / mk[0]:.2f}x" if mk and mk[2] == 0 else "-"
         rr = f"{sm_rss / mk[1]:.2f}x" if mk and mk[2] == 0 else "-"
-        print(f"| {method} | streammerge | {sm_wall:.1f} | {gb(sm_rss)} | {wr} | {rr} |" + ("" if sm_code == 0 else " FAILED"))
+        print(f"| {method} | streammerge | {sm_wall:.1f} | {sm_cpu:.1f} | {gb(sm_rss)} | {wr} | {rr} |" + ("" if sm_code == 0 else " FAILED"))
         if mk:
-            print(f"| {method} | mergekit 0.1.5 | {mk[0]:.1f} | {gb(mk[1])} | 1.00x | 1.00x |" + ("" if mk[2] == 0 else " FAILED"))
+            print(f"| {method} | mergekit 0.1.5 | {mk[0]:.1f} | {mk[3]:.1f} | {gb(mk[1])} | 1.00x | 1.00x |" + ("" if mk[2] == 0 else " FAILED"), flush=True)
         rss_rows.append((method, sm_rss))
     print(f"\nRSS budget (import torch + 4 x largest fp32 tensor) = {gb(budget)}")
     for method, rss in rss_rows:
         print(f"- {method}: {gb(rss)} ({'within' if rss <= budget else 'OVER'} budget)")
 
     if scaling:
-        print("\n| experts | method | wall s | peak RSS | RSS vs first |")
-        print("| ---: | --- | ---: | ---: | ---: |")
+        print("\n| experts | method | wall s | CPU s | peak RSS | RSS vs first |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: |", flush=True)
         for method in args.methods.split(","):
             first = None
             for n in scaling:
                 cfg_path = work / f"{method}-{n}.yaml"
                 cfg_path.write_text(config_yaml(method, base, folders[1 : 1 + n]))
                 warm(folders[1 : 1 + n])
-                wall, rss, _ = run_tool("streammerge", cfg_path, work / "out-sm")
+                wall, rss, _, cpu = run_tool("streammerge", cfg_path, work / "out-sm")
                 first = first or rss
-                print(f"| {n} | {method} | {wall:.1f} | {gb(rss)} | {100 * (rss / first - 1):+.1f}% |")
+                print(f"| {n} | {method} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | {100 * (rss / first - 1):+.1f}% |", flush=True)
 
 
 if __name__ == "__main__":

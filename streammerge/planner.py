@@ -63,14 +63,15 @@ class MergePlan:
 
     @property
     def working_set_bytes(self) -> int:
-        """Estimated peak bytes the engine holds beyond the Python/torch runtime."""
+        """Estimated peak bytes the engine holds beyond the Python/torch runtime.
+
+        Elementwise methods hold about ten fp32 buffers of one chunk (base, one expert and its raw
+        bytes, up to five consensus accumulators, masks); others about four copies of the largest tensor.
+        """
         largest = max((t.out.numel for t in self.tensors), default=0)
-        method = self.config.method
-        chunk = min(largest, self.chunk_elements) if method.elementwise else largest
-        est = 6 * 4 * chunk  # base, 2 accumulators, one expert, its raw bytes, masks
-        if method.prepare is not None:
-            est = max(est, 3 * 4 * largest)  # whole-tensor statistics pass
-        return est
+        if self.config.method.elementwise:
+            return 10 * 4 * min(largest, self.chunk_elements)
+        return 4 * 4 * largest
 
     def close(self) -> None:
         for ckpt in {id(c): c for c in [self.reference, self.base, *self.experts] if c is not None}.values():
