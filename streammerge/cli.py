@@ -84,9 +84,11 @@ def merge(config: Path, out_dir: Path, device: str, out_shard_size: str, chunk_e
     finally:
         the_plan.close()
     if not quiet:
-        gbps = result.bytes_written / max(result.seconds, 1e-9) / 1e9
-        click.echo(f"wrote {result.tensors} tensors, {result.bytes_written / 1e9:.2f} GB to {result.out_dir} "
-                   f"in {result.seconds:.1f} s ({gbps:.2f} GB/s)")
+        from .planner import fmt_bytes
+
+        speed = fmt_bytes(int(result.bytes_written / max(result.seconds, 1e-9)))
+        click.echo(f"wrote {result.tensors} tensors, {fmt_bytes(result.bytes_written)} to {result.out_dir} "
+                   f"in {result.seconds:.1f} s ({speed}/s)")
 
 
 def _run_with_progress(plan, device, overwrite):
@@ -119,7 +121,7 @@ def inspect(path: Path) -> None:
     from rich.table import Table
 
     from .io.reader import open_checkpoint
-    from .planner import _fmt_bytes
+    from .planner import fmt_bytes
 
     ckpt = open_checkpoint(path)
     try:
@@ -137,7 +139,7 @@ def inspect(path: Path) -> None:
         console = Console() if sys.stdout.isatty() else Console(width=160)
         console.print(table)
         for f, n in per_file.items():
-            console.print(f"{f}: {_fmt_bytes(n)}")
+            console.print(f"{f}: {fmt_bytes(n)}")
         params = ", ".join(f"{n:,} {d}" for d, n in by_dtype.items())
         console.print(f"{len(ckpt.names())} tensors in {len(per_file)} file(s); parameters: {params}")
     finally:

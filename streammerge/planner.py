@@ -155,15 +155,15 @@ def describe_plan(plan: MergePlan) -> list[str]:
         *[f"expert      {e.path}" for e in cfg.experts],
         f"tensors     {len(plan.tensors)} ({sum(not t.merged for t in plan.tensors)} copied), "
         f"{plan.num_layers} layers, out dtype {', '.join(dtypes)}",
-        f"output      {_fmt_bytes(plan.output_bytes)} in {len(plan.shards)} shard(s) -> {plan.out_dir}",
+        f"output      {fmt_bytes(plan.output_bytes)} in {len(plan.shards)} shard(s) -> {plan.out_dir}",
     ]
     for s in plan.shards:
-        lines.append(f"  {s.file_name}  {len(s.tensors)} tensors  {_fmt_bytes(s.data_bytes)}")
-    lines.append(f"peak RAM    ~{_fmt_bytes(plan.working_set_bytes)} working set + the Python/torch runtime (~0.4 GB)")
+        lines.append(f"  {s.file_name}  {len(s.tensors)} tensors  {fmt_bytes(s.data_bytes)}")
+    lines.append(f"peak RAM    ~{fmt_bytes(plan.working_set_bytes)} working set + the Python/torch runtime (~0.4 GB)")
     return lines
 
 
-def _fmt_bytes(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
