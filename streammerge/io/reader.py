@@ -50,6 +50,7 @@ class Checkpoint:
         self._metas = metas
         self.files = files
         self.metadata = metadata
+        self.index_files: list[Path] = []  # the index naming the shards, if any
 
     def __contains__(self, name: str) -> bool:
         return name in self._metas
@@ -123,6 +124,11 @@ class SafetensorsCheckpoint(Checkpoint):
         out = torch.empty(count * size, dtype=torch.uint8)
         _pread_into(self._fd(meta.file), out, entry.begin + start * size, meta.file)
         return out.view(meta.dtype)
+
+    def byte_range(self, name: str) -> tuple[int, int]:
+        """Absolute ``(begin, end)`` byte offsets of tensor ``name`` in its shard file."""
+        entry = self._entries[self.meta(name).name]
+        return entry.begin, entry.end
 
     def prefetch(self, name: str) -> None:
         if hasattr(os, "posix_fadvise"):
@@ -243,7 +249,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{p}: not a .safetensors or .bin weights file")
     if (p / SAFETENSORS_INDEX).is_file():
         weight_map, shards = _read_index(p / SAFETENSORS_INDEX)
-        return SafetensorsCheckpoint(p, shards, weight_map)
+        ckpt: Checkpoint = SafetensorsCheckpoint(p, shards, weight_map)
+        ckpt.index_files = [p / SAFETENSORS_INDEX]
+        return ckpt
     singles = sorted(p.glob("*.safetensors"))
     if (p / "model.safetensors").is_file():
         return SafetensorsCheckpoint(p, [p / "model.safetensors"], None)
@@ -251,7 +259,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return SafetensorsCheckpoint(p, singles, None)
     if (p / BIN_INDEX).is_file():
         weight_map, shards = _read_index(p / BIN_INDEX)
-        return BinCheckpoint(p, shards, weight_map)
+        ckpt = BinCheckpoint(p, shards, weight_map)
+        ckpt.index_files = [p / BIN_INDEX]
+        return ckpt
     if (p / "pytorch_model.bin").is_file():
         return BinCheckpoint(p, [p / "pytorch_model.bin"], None)
     if singles:
