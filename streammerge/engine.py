@@ -14,6 +14,8 @@ of them. How the output folder is claimed, resumed or refused is in ``output_dir
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from .planner import MergePlan, PlannedTensor, chunk_ranges
 log = logging.getLogger(__name__)
 
 DEFAULT_SYNC_BYTES = 10**9
+WRITE_BEHIND_DEPTH = 2  # chunks queued for the writer thread
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ def _inputs(plan: MergePlan, tensor: PlannedTensor, params, model_params, start:
     return ChunkInputs(name, tensor.out.shape, start, base, experts, params, plan.config.seed, state, device)
 
 
-def merge_tensor(plan: MergePlan, tensor: PlannedTensor, writer: ShardWriter, options: MergeOptions) -> None:
+def merge_tensor(plan: MergePlan, tensor: PlannedTensor, writer: ShardWriter | WriteBehind, options: MergeOptions) -> None:
     """Compute one output tensor and write it (in chunks for elementwise methods)."""
     out = tensor.out
     if not tensor.merged:
@@ -136,8 +139,62 @@ def merge_tensor(plan: MergePlan, tensor: PlannedTensor, writer: ShardWriter, op
     state = method.prepare(chunks) if method.prepare is not None else None
     for inputs in chunks(state):
         result = method.merge(inputs)
-        writer.write(out.name, result.reshape(-1).to(out.dtype), inputs.start)
+        writer.write(out.name, result.reshape(-1).to(out.dtype).cpu(), inputs.start)
         del inputs, result
+
+
+class WriteBehind:
+    """Hands chunks to one background thread that ``pwrite``s them, checksums them and journals each
+    finished tensor, in order, so the disk and the CRC overlap the next chunk's math. At most
+    ``depth`` chunks wait in the queue. An error on the thread is raised on the next call here."""
+
+    def __init__(self, writer: ShardWriter, journal: Journal, depth: int = WRITE_BEHIND_DEPTH):
+        self.writer, self.journal = writer, journal
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="streammerge-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    if item[0] == "write":
+                        self.writer.write(*item[1:])
+                    else:
+                        self.journal.record(self.writer.finish_tensor(item[1]))
+            except BaseException as e:  # handed to the main thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _put(self, item: tuple | None) -> None:
+        self._raise()
+        self._queue.put(item)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def write(self, name: str, data: torch.Tensor, start: int = 0) -> None:
+        self._put(("write", name, data, start))
+
+    def finish(self, name: str) -> None:
+        self._put(("finish", name))
+
+    def drain(self) -> None:
+        """Wait until everything queued is written and journaled."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 def _prefetch(plan: MergePlan, tensor: PlannedTensor) -> None:
@@ -176,16 +233,22 @@ def _merge_all(plan: MergePlan, options: MergeOptions, writer: ShardWriter, jour
     """The loop: every tensor not yet done is computed, written and journaled. Returns how many."""
     todo = [t for t in plan.tensors if t.out.name not in writer.done]
     since_sync = 0
-    for i, tensor in enumerate(todo):
-        if i + 1 < len(todo):
-            _prefetch(plan, todo[i + 1])
-        merge_tensor(plan, tensor, writer, options)
-        journal.record(writer.finish_tensor(tensor.out.name))
-        since_sync += tensor.out.nbytes
-        if options.sync_bytes is not None and since_sync >= options.sync_bytes:
-            writer.sync()
-            journal.durable_point()
-            since_sync = 0
-        if progress is not None:
-            progress(ProgressEvent("tensor", tensor.out.name, tensor.out.nbytes))
+    behind = WriteBehind(writer, journal)
+    try:
+        for i, tensor in enumerate(todo):
+            if i + 1 < len(todo):
+                _prefetch(plan, todo[i + 1])
+            merge_tensor(plan, tensor, behind, options)
+            behind.finish(tensor.out.name)
+            since_sync += tensor.out.nbytes
+            if options.sync_bytes is not None and since_sync >= options.sync_bytes:
+                behind.drain()
+                writer.sync()
+                journal.durable_point()
+                since_sync = 0
+            if progress is not None:
+                progress(ProgressEvent("tensor", tensor.out.name, tensor.out.nbytes))
+        behind.drain()
+    finally:
+        behind.close()
     return len(todo)

@@ -65,8 +65,8 @@ def merge_task_vectors(inputs: ChunkInputs, sparsify: Sparsifier = _no_sparsify,
         del pos, neg, pos_w, neg_w, elect
         divisor[divisor == 0] = 1.0
     else:
-        mixed = torch.zeros_like(inputs.base)
-        for i in range(n):
+        mixed = weighted_delta(inputs, 0, sparsify)  # 0 + x is x: no zero buffer to fill
+        for i in range(1, n):
             mixed += weighted_delta(inputs, i, sparsify)
         total = sum(e.params.weight for e in inputs.experts)
         divisor = 1.0 if abs(total) < 1e-8 else total
