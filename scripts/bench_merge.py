@@ -137,10 +137,10 @@ def torch_import_rss() -> int:
     return measure([sys.executable, "-c", "import torch"])[1]
 
 
-def run_tool(tool: str, cfg_path: Path, out: Path) -> tuple[float, int, int, float]:
+def run_tool(tool: str, cfg_path: Path, out: Path, extra: tuple[str, ...] = ()) -> tuple[float, int, int, float]:
     shutil.rmtree(out, ignore_errors=True)
     if tool == "streammerge":
-        cmd = [sys.executable, "-m", "streammerge.cli", "merge", str(cfg_path), str(out), "--quiet", "--device", "cpu"]
+        cmd = [sys.executable, "-m", "streammerge.cli", "merge", str(cfg_path), str(out), "--quiet", "--device", "cpu", *extra]
     else:
         cmd = [shutil.which("mergekit-yaml") or "mergekit-yaml", str(cfg_path), str(out)]
     result = measure(cmd)
@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--scaling-experts", default="2,8", help="expert counts for the RSS-growth table ('' to skip)")
     ap.add_argument("--data-dir", type=Path, default=ROOT / "bench_data")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--sync-costs", action="store_true",
+                    help="also time task_arithmetic with --sync-every end / 1GB (default) / 0 (every tensor)")
     args = ap.parse_args()
 
     shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
@@ -197,6 +199,17 @@ def main() -> None:
     print(f"\nRSS budget (import torch + 4 x largest fp32 tensor) = {gb(budget)}")
     for method, rss in rss_rows:
         print(f"- {method}: {gb(rss)} ({'within' if rss <= budget else 'OVER'} budget)")
+
+    if args.sync_costs:
+        print("\n| --sync-every | wall s | CPU s | vs end-only |")
+        print("| --- | ---: | ---: | ---: |", flush=True)
+        cfg_path = work / "task_arithmetic.yaml"
+        cfg_path.write_text(config_yaml("task_arithmetic", base, experts))
+        first = None
+        for setting in ("end", "1GB", "0"):
+            wall, _, _, cpu = run_tool("streammerge", cfg_path, work / "out-sm", ("--sync-every", setting))
+            first = first or wall
+            print(f"| {setting} | {wall:.1f} | {cpu:.1f} | {wall / first:.2f}x |", flush=True)
 
     if scaling:
         print("\n| experts | method | wall s | CPU s | peak RSS | RSS vs first |")

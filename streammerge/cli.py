@@ -30,7 +30,7 @@ def handle_errors(fn):
                 raise
             _fail(str(e))
         except KeyboardInterrupt:
-            _fail("interrupted")
+            _fail("interrupted; re-run the same command to resume")
         except MemoryError:
             if debug:
                 raise

@@ -68,12 +68,13 @@ class MergePlan:
         """Estimated peak bytes the engine holds beyond the Python/torch runtime.
 
         Elementwise methods hold about ten fp32 buffers of one chunk (base, one expert and its raw
-        bytes, up to five consensus accumulators, masks); others about four copies of the largest tensor.
+        bytes, up to five consensus accumulators, masks) plus two chunks queued for the writer;
+        others about four copies of the largest tensor plus the same queue.
         """
         largest = max((t.out.numel for t in self.tensors), default=0)
         if self.config.method.elementwise:
-            return 10 * 4 * min(largest, self.chunk_elements)
-        return 4 * 4 * largest
+            return 12 * 4 * min(largest, self.chunk_elements)
+        return 6 * 4 * largest
 
     def checkpoints(self) -> list[Checkpoint]:
         """Every opened input, once."""
