@@ -253,17 +253,22 @@ class BinCheckpoint(Checkpoint):
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     fd = _open_regular(path)  # before torch.load, which would block forever on a FIFO
     try:
-        is_zip = os.pread(fd, 4, 0) == b"PK\x03\x04"
+        magic = os.pread(fd, 4, 0)
     finally:
         os.close(fd)
+    is_zip = magic == b"PK\x03\x04"
+    if not is_zip and not magic.startswith(b"\x80"):  # torch.save: a zip, or (legacy) a pickle of protocol >= 2
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle); the file is corrupt or truncated")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
+        # weights_only stops at the first opcode or global outside its allow-list: either the file
+        # is corrupt or it holds objects whose unpickling runs code. Both are refused.
         raise CheckpointError(
-            f"{path}: refusing to load: the pickle holds objects other than tensors and unpickling them could "
-            f"execute code ({_torch_reason(e)}); convert it to safetensors with a tool you trust"
+            f"{path}: refusing to load: not a plain pickle of tensors ({_torch_reason(e)}); it is corrupt, or "
+            f"unpickling it would execute code; convert it to safetensors with a tool you trust"
         ) from e
     except MemoryError as e:
         raise CheckpointError(f"{path}: not enough memory to load this .bin file; convert it to safetensors") from e
