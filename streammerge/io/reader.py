@@ -104,11 +104,13 @@ class SafetensorsCheckpoint(Checkpoint):
         # One descriptor per shard, opened when its header is validated and kept until close(): the
         # bytes later read are those of the file that was checked, even if its name is replaced.
         self._fds: dict[Path, int] = {}
+        self._identities: dict[Path, tuple[int, ...]] = {}
         metadata: dict[str, str] = {}
         try:
             for shard in shard_paths:
                 fd, entries, meta = _read_safetensors_header(shard)
                 self._fds[shard] = fd
+                self._identities[shard] = _identity(fd)
                 metadata.update(meta)
                 for name, entry in entries.items():
                     _check_listed(name, shard, weight_map, index, metas)
@@ -120,17 +122,27 @@ class SafetensorsCheckpoint(Checkpoint):
             raise
         super().__init__(path, metas, shard_paths, metadata)
 
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:  # read again after close(): only if it is still the file that was checked
+            fd = _open_regular(file)
+            if _identity(fd) != self._identities[file]:
+                os.close(fd)
+                raise CheckpointError(f"{file}: changed since its header was read; open the checkpoint again")
+            self._fds[file] = fd
+        return fd
+
     def _read(self, meta: TensorMeta, start: int, count: int) -> torch.Tensor:
         entry = self._entries[meta.name]
         size = torch.empty((), dtype=meta.dtype).element_size()
         out = torch.empty(count * size, dtype=torch.uint8)
-        _pread_into(self._fds[meta.file], out, entry.begin + start * size, meta.file)
+        _pread_into(self._fd(meta.file), out, entry.begin + start * size, meta.file)
         return out.view(meta.dtype)
 
     def prefetch(self, name: str) -> None:
         if hasattr(os, "posix_fadvise"):
             entry = self._entries[name]
-            os.posix_fadvise(self._fds[self._metas[name].file], entry.begin, entry.nbytes, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(self._fd(self._metas[name].file), entry.begin, entry.nbytes, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -194,6 +206,11 @@ def _open_regular(path: Path) -> int:
         kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
         raise CheckpointError(f"{path}: is {kind}, not a weights file; point the config at a model folder or file")
     return fd
+
+
+def _identity(fd: int) -> tuple[int, ...]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _pread_all(fd: int, size: int, offset: int, file: Path) -> bytes:
@@ -354,7 +371,7 @@ def _read_index(index: Path) -> tuple[dict[str, Path], list[Path]]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: has no 'weight_map' object mapping tensor names to shard files")
     paths: dict[str, Path] = {}
-    resolved: dict[Path, Path] = {}
+    resolved: dict[str, Path] = {}
     for tensor, shard_name in weight_map.items():
         if not is_utf8(tensor):
             raise CheckpointError(f"{index}: tensor name {tensor!r} is not valid Unicode; fix the index")
