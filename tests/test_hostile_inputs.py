@@ -456,3 +456,16 @@ def test_error_naming_a_file_with_a_newline_stays_one_line(tmp_path):
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"\x00")
     assert_one_line_error(*cli("inspect", folder), "too short", "bad\\nname")
+
+
+def test_refusal_in_a_real_process_is_one_line(tmp_path):
+    """As a user sees it: torch's loader warns on stderr about pickle protocols; none of it may leak."""
+    import subprocess
+    import sys
+
+    model, culprit = _raw_pickle(tmp_path, 4)
+    cfg = _config(tmp_path, FIXTURES / "tiny-llama-base", model)
+    r = subprocess.run([sys.executable, "-m", "streammerge.cli", "merge", str(cfg), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)
+    assert_one_line_error(r.returncode, r.stderr, "execute code", str(culprit))
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
