@@ -17,7 +17,8 @@ import torch
 
 from .config import LAYER_RE, MergeConfig
 from .errors import PlanError
-from .io.reader import Checkpoint, TensorMeta, open_checkpoint
+from .io.hf_files import COPIED_FILES
+from .io.reader import Checkpoint, TensorMeta, check_model_file, open_checkpoint
 from .io.writer import OutputTensor, ShardPlan, plan_shards
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -152,6 +153,8 @@ def make_plan(
         experts = [get(m.path) for m in config.experts]
         reference = get(config.base_model) if config.base_model else experts[0]
         check_files_outside_output(out_dir, list(opened.values()))
+        for name in ("config.json", *COPIED_FILES):  # copied into OUT_DIR after the merge: check them now
+            check_model_file(reference.folder, name)
         tensors = []
         for name in sorted(reference.names(), key=_tensor_order):
             meta = reference.meta(name)

@@ -404,6 +404,22 @@ def test_config_pointing_at_the_output_is_refused(tmp_path, build, needle):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("make,needle", [
+    (lambda p, outside: p.symlink_to(outside), "leads to"),
+    (lambda p, outside: os.mkfifo(p), "is a FIFO, not a model file"),
+    (lambda p, outside: p.symlink_to("/dev/zero"), "leads to /dev/zero"),
+], ids=["symlink out of the folder", "FIFO", "symlink to a device"])
+def test_hostile_tokenizer_file_in_the_base(tmp_path, make, needle):
+    """Files copied into OUT_DIR after the merge (tokenizer, config) are checked while planning."""
+    base = shutil.copytree(FIXTURES / "tiny-llama-base", tmp_path / "base")
+    (tmp_path / "secret.txt").write_text("not for the output")
+    make(base / "tokenizer.json", tmp_path / "secret.txt")
+    cfg = _config(tmp_path, base, FIXTURES / "tiny-llama-math")
+    before = snapshot(tmp_path)
+    assert_one_line_error(*cli("merge", cfg, tmp_path / "out", "-q"), needle, str(base / "tokenizer.json"))
+    assert not (tmp_path / "out").exists() and snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("text,needle", [
     ("merge_method: " + "[" * 20000, "nested too deeply"),
     ('merge_method: linear\nmodels: [{model: "x\\0y"}]\n', "does not exist"),

@@ -322,14 +322,20 @@ def _inside(target: Path, root: Path) -> bool:
     return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
 
 
-def _shard_path(folder: Path, name: object, source: Path | None) -> Path:
+def check_model_file(folder: Path, name: str) -> None:
+    """Refuse ``folder / name`` (config, tokenizer, ...), if present, unless it is a regular file inside ``folder``."""
+    if os.path.lexists(folder / name):
+        _shard_path(folder, name, None, "model file")
+
+
+def _shard_path(folder: Path, name: object, source: Path | None, what: str = "weights file") -> Path:
     """``folder / name`` for a weights file named by index ``source`` (or found in ``folder`` when None).
 
     Refuses a name that is not a plain relative path, one that leaves ``folder`` (``..``, an absolute
     path, a symlink to elsewhere) and one that is not an existing regular file.
     """
     who = f"{source}: shard {name!r}" if source is not None else f"{folder / str(name)}:"
-    fix = "fix the index" if source is not None else "a model's weights must be regular files in its folder"
+    fix = "fix the index" if source is not None else "a model's files must be regular files in its folder"
     if (
         not isinstance(name, str) or not name or "\x00" in name or not is_utf8(name)
         or os.path.isabs(name) or ".." in Path(name).parts
@@ -349,7 +355,7 @@ def _shard_path(folder: Path, name: object, source: Path | None) -> Path:
             kind = _FILE_KINDS.get(stat.S_IFMT(os.stat(target).st_mode), "not a regular file")
         except OSError:
             kind = "not a readable file"
-        raise CheckpointError(f"{who} is {kind}, not a weights file; {fix}")
+        raise CheckpointError(f"{who} is {kind}, not a {what}; {fix}")
     return path
 
 
