@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from .config import MergeConfig, load_config, parse_config
-from .engine import MergeResult, ProgressFn, resolve_device, run_merge
+from .engine import DEFAULT_SYNC_BYTES, MergeOptions, MergeResult, ProgressFn, resolve_device, run_merge
 from .planner import DEFAULT_CHUNK_ELEMENTS, MergePlan, make_plan, parse_size
 
 
@@ -41,17 +41,23 @@ def merge(
     device: str = "auto",
     out_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    restart: bool = False,
+    allow_nonfinite: bool = False,
+    sync_bytes: int | None = DEFAULT_SYNC_BYTES,
     progress: ProgressFn | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> MergeResult:
     """Merge as ``config`` says (a YAML path, YAML text, a dict or a ``MergeConfig``) into ``out_dir``.
 
     Writes a Hugging Face model folder: safetensors shards (+ index), config.json with the output
-    dtype, tokenizer files and a model card. Raises ``StreamMergeError`` for bad input.
+    dtype, tokenizer files and a model card. An interrupted merge into the same ``out_dir`` with
+    the same config, options and inputs resumes where it stopped (``restart=True`` discards it).
+    ``sync_bytes``: make the output durable every this many bytes (0: after every tensor, None:
+    only at the end). Raises ``StreamMergeError`` for bad input.
     """
-    dev = resolve_device(device)
+    options = MergeOptions(resolve_device(device), overwrite, restart, allow_nonfinite, sync_bytes)
     p = plan(config, out_dir, out_shard_size=out_shard_size, chunk_elements=chunk_elements)
     try:
-        return run_merge(p, dev, progress, overwrite)
+        return run_merge(p, options, progress)
     finally:
         p.close()

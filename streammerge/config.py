@@ -71,6 +71,11 @@ class MergeConfig:
     source: str  # the YAML text, for the model card and the plan fingerprint
 
     @property
+    def inputs(self) -> list[Path]:
+        """Every model path the config names: the base, then ``models:``."""
+        return ([self.base_model] if self.base_model else []) + [m.path for m in self.models]
+
+    @property
     def experts(self) -> list[ModelEntry]:
         """The ``models:`` entries the method merges (task-vector methods skip the base, as mergekit)."""
         if self.method.base_model == "unused" or self.base_model is None:

@@ -60,6 +60,7 @@ class MergePlan:
     shards: list[ShardPlan]
     num_layers: int
     chunk_elements: int
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
 
     @property
     def output_bytes(self) -> int:
@@ -77,8 +78,19 @@ class MergePlan:
             return 10 * 4 * min(largest, self.chunk_elements)
         return 4 * 4 * largest
 
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every opened input, once."""
+        return list({id(c): c for c in [self.reference, self.base, *self.experts] if c is not None}.values())
+
+    def input_files(self) -> list[Path]:
+        """Every file the output depends on: shards, indexes, and the files copied from the reference."""
+        files = [f for ckpt in self.checkpoints() for f in (*ckpt.files, *ckpt.index_files)]
+        files += [self.reference.folder / name for name in ("config.json", *COPIED_FILES)
+                  if (self.reference.folder / name).is_file()]
+        return files
+
     def close(self) -> None:
-        for ckpt in {id(c): c for c in [self.reference, self.base, *self.experts] if c is not None}.values():
+        for ckpt in self.checkpoints():
             ckpt.close()
 
 
@@ -138,8 +150,7 @@ def make_plan(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> MergePlan:
-    inputs = ([config.base_model] if config.base_model else []) + [m.path for m in config.models]
-    check_output_dir(out_dir, inputs)
+    check_output_dir(out_dir, config.inputs)
     opened: dict[Path, Checkpoint] = {}
 
     def get(path: Path) -> Checkpoint:
@@ -182,6 +193,7 @@ def make_plan(
         shards=plan_shards([t.out for t in tensors], max_shard_bytes),
         num_layers=max(layers) + 1 if layers else 0,
         chunk_elements=chunk_elements,
+        max_shard_bytes=max_shard_bytes,
     )
 
 

@@ -55,4 +55,10 @@ def fixture_copy(tmp_path):
 
 
 def snapshot(*folders: Path) -> dict[str, bytes]:
-    return {str(p): p.read_bytes() for f in folders for p in sorted(Path(f).rglob("*")) if p.is_file()}
+    """Every file's bytes, by path; streammerge's own state folder (journal, lock) left out."""
+    return {
+        str(p): p.read_bytes()
+        for f in folders
+        for p in sorted(Path(f).rglob("*"))
+        if p.is_file() and ".streammerge" not in p.relative_to(f).parts
+    }

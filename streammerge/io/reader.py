@@ -61,6 +61,7 @@ class Checkpoint:
         self._metas = metas
         self.files = files
         self.metadata = metadata
+        self.index_files: list[Path] = []  # the index naming the shards, if any
 
     def __contains__(self, name: str) -> bool:
         return name in self._metas
@@ -138,6 +139,11 @@ class SafetensorsCheckpoint(Checkpoint):
         out = torch.empty(count * size, dtype=torch.uint8)
         _pread_into(self._fd(meta.file), out, entry.begin + start * size, meta.file)
         return out.view(meta.dtype)
+
+    def byte_range(self, name: str) -> tuple[int, int]:
+        """Absolute ``(begin, end)`` byte offsets of tensor ``name`` in its shard file."""
+        entry = self._entries[self.meta(name).name]
+        return entry.begin, entry.end
 
     def prefetch(self, name: str) -> None:
         if hasattr(os, "posix_fadvise"):
@@ -406,7 +412,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     # lexists: a symlink or FIFO under a known name is refused by _shard_path, not silently skipped.
     if os.path.lexists(p / SAFETENSORS_INDEX):
         weight_map, shards = _read_index(p / SAFETENSORS_INDEX)
-        return SafetensorsCheckpoint(p, shards, weight_map, p / SAFETENSORS_INDEX)
+        ckpt: Checkpoint = SafetensorsCheckpoint(p, shards, weight_map, p / SAFETENSORS_INDEX)
+        ckpt.index_files = [p / SAFETENSORS_INDEX]
+        return ckpt
     singles = sorted(p.glob("*.safetensors"))
     if os.path.lexists(p / "model.safetensors"):
         return SafetensorsCheckpoint(p, [_shard_path(p, "model.safetensors", None)], None)
@@ -414,7 +422,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return SafetensorsCheckpoint(p, [_shard_path(p, singles[0].name, None)], None)
     if os.path.lexists(p / BIN_INDEX):
         weight_map, shards = _read_index(p / BIN_INDEX)
-        return BinCheckpoint(p, shards, weight_map, p / BIN_INDEX)
+        ckpt = BinCheckpoint(p, shards, weight_map, p / BIN_INDEX)
+        ckpt.index_files = [p / BIN_INDEX]
+        return ckpt
     if os.path.lexists(p / "pytorch_model.bin"):
         return BinCheckpoint(p, [_shard_path(p, "pytorch_model.bin", None)], None)
     if singles:
