@@ -12,8 +12,14 @@ import click
 from .errors import StreamMergeError
 
 
+def one_line(message: str) -> str:
+    """``message`` with every non-printable character escaped (newlines, ANSI codes, surrogate-escaped
+    bytes of non-UTF-8 file names), so that it prints as one line on any terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {one_line(message)}", err=True)
     sys.exit(1)
 
 
@@ -170,6 +176,7 @@ def verify(out_dir: Path) -> None:
 def inspect(path: Path) -> None:
     """List the tensors, shards, dtypes and sizes of a checkpoint PATH (folder or file)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .io.reader import open_checkpoint
@@ -177,7 +184,8 @@ def inspect(path: Path) -> None:
 
     ckpt = open_checkpoint(path)
     try:
-        table = Table(title=str(path))
+        # Names come from the file: escape them, or "[/x]" in a tensor name is a rich markup error.
+        table = Table(title=escape(str(path)))
         for col in ("tensor", "dtype", "shape", "bytes", "file"):
             table.add_column(col, justify="right" if col == "bytes" else "left")
         per_file: dict[str, int] = {}
@@ -185,13 +193,14 @@ def inspect(path: Path) -> None:
         for name in ckpt.names():
             m = ckpt.meta(name)
             dtype = str(m.dtype).replace("torch.", "")
-            table.add_row(name, dtype, "x".join(map(str, m.shape)) or "scalar", f"{m.nbytes:,}", m.file.name)
+            table.add_row(escape(one_line(name)), dtype, "x".join(map(str, m.shape)) or "scalar", f"{m.nbytes:,}",
+                          escape(one_line(m.file.name)))
             per_file[m.file.name] = per_file.get(m.file.name, 0) + m.nbytes
             by_dtype[dtype] = by_dtype.get(dtype, 0) + m.numel
         console = Console() if sys.stdout.isatty() else Console(width=160)
         console.print(table)
         for f, n in per_file.items():
-            console.print(f"{f}: {fmt_bytes(n)}")
+            console.print(f"{escape(one_line(f))}: {fmt_bytes(n)}")
         params = ", ".join(f"{n:,} {d}" for d, n in by_dtype.items())
         console.print(f"{len(ckpt.names())} tensors in {len(per_file)} file(s); parameters: {params}")
     finally:

@@ -104,6 +104,8 @@ def parse_config(text: str, root: Path | None = None, where: str = "config") -> 
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: invalid YAML: {str(e).splitlines()[0]} ({_yaml_mark(e)})") from e
+    except RecursionError as e:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"{where}: invalid YAML: nested too deeply to be a merge config") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with merge_method, models, ...")
     for key, why in UNSUPPORTED_KEYS.items():

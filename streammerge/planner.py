@@ -2,8 +2,9 @@
 
 The plan fixes every output tensor (name, shape, dtype), the order they are computed in, which
 shard each lands in, and estimates of output bytes and the engine's working set. Inconsistent
-inputs (a tensor missing from an expert, a shape mismatch, an output folder that overlaps an
-input) are refused here, naming the model and tensor.
+inputs (a tensor missing from an expert, a shape mismatch, a float tensor in one model that is an
+integer or bool tensor in another, an output folder that overlaps an input or holds an input file
+through a symlink) are refused here, naming the file and tensor, before anything is written.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .config import LAYER_RE, MergeConfig
 from .errors import PlanError
 from .io.hf_files import COPIED_FILES
-from .io.reader import Checkpoint, open_checkpoint
+from .io.reader import Checkpoint, TensorMeta, check_model_file, open_checkpoint
 from .io.writer import OutputTensor, ShardPlan, plan_shards
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -109,6 +112,39 @@ def check_output_dir(out_dir: Path, inputs: list[Path]) -> None:
             raise PlanError(f"input {p} is inside the output folder {out_dir}; choose another output folder")
 
 
+def check_files_outside_output(out_dir: Path, checkpoints: list[Checkpoint]) -> None:
+    """Refuse an input file that resolves into ``out_dir`` (a symlinked shard or file given directly)."""
+    out = out_dir.resolve()
+    for ckpt in checkpoints:
+        for f in ckpt.files:
+            if out in f.resolve().parents:
+                raise PlanError(f"{f}: leads to {f.resolve()}, inside the output folder {out_dir}; choose another output folder")
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    """``floating-point``, ``complex``, ``boolean`` or ``integer``: tensors merge only within one kind."""
+    if dtype.is_floating_point:
+        return "floating-point"
+    if dtype.is_complex:
+        return "complex"
+    return "boolean" if dtype == torch.bool else "integer"
+
+
+def _check_matches(name: str, meta: TensorMeta, other: TensorMeta, model: Path) -> None:
+    """An expert's tensor must have the reference's shape and the same kind of dtype (bf16 vs fp32 is fine)."""
+    if other.shape != meta.shape:
+        raise PlanError(
+            f"{other.file}: tensor {name!r} has shape {list(other.shape)}, which differs from "
+            f"{list(meta.shape)} in {meta.file}; the models must share one architecture"
+        )
+    if dtype_kind(other.dtype) != dtype_kind(meta.dtype):
+        raise PlanError(
+            f"{other.file}: tensor {name!r} is {str(other.dtype).replace('torch.', '')} ({dtype_kind(other.dtype)}) "
+            f"but {str(meta.dtype).replace('torch.', '')} ({dtype_kind(meta.dtype)}) in {meta.file}; "
+            f"{model} does not fit this architecture"
+        )
+
+
 def make_plan(
     config: MergeConfig,
     out_dir: Path,
@@ -124,26 +160,29 @@ def make_plan(
             opened[key] = open_checkpoint(path)
         return opened[key]
 
-    base = get(config.base_model) if config.base_model and config.method.base_model != "unused" else None
-    experts = [get(m.path) for m in config.experts]
-    reference = get(config.base_model) if config.base_model else experts[0]
-    tensors = []
-    for name in sorted(reference.names(), key=_tensor_order):
-        meta = reference.meta(name)
-        for entry, ckpt in zip(config.experts, experts):
-            if name not in ckpt:
-                raise PlanError(f"model {entry.path} has no tensor {name!r} (present in {reference.path})")
-            other = ckpt.meta(name)
-            if other.shape != meta.shape:
-                raise PlanError(
-                    f"tensor {name!r}: shape {list(other.shape)} in {entry.path} differs from "
-                    f"{list(meta.shape)} in {reference.path}; the models must share one architecture"
-                )
-        merged = meta.dtype.is_floating_point
-        dtype = (config.out_dtype or config.dtype or meta.dtype) if merged else meta.dtype
-        tensors.append(PlannedTensor(OutputTensor(name, dtype, meta.shape), merged))
-    if not tensors:
-        raise PlanError(f"{reference.path}: has no tensors to merge")
+    try:
+        base = get(config.base_model) if config.base_model and config.method.base_model != "unused" else None
+        experts = [get(m.path) for m in config.experts]
+        reference = get(config.base_model) if config.base_model else experts[0]
+        check_files_outside_output(out_dir, list(opened.values()))
+        for name in ("config.json", *COPIED_FILES):  # copied into OUT_DIR after the merge: check them now
+            check_model_file(reference.folder, name)
+        tensors = []
+        for name in sorted(reference.names(), key=_tensor_order):
+            meta = reference.meta(name)
+            for entry, ckpt in zip(config.experts, experts):
+                if name not in ckpt:
+                    raise PlanError(f"model {entry.path} has no tensor {name!r} (present in {meta.file})")
+                _check_matches(name, meta, ckpt.meta(name), entry.path)
+            merged = meta.dtype.is_floating_point
+            dtype = (config.out_dtype or config.dtype or meta.dtype) if merged else meta.dtype
+            tensors.append(PlannedTensor(OutputTensor(name, dtype, meta.shape), merged))
+        if not tensors:
+            raise PlanError(f"{reference.path}: has no tensors to merge")
+    except BaseException:
+        for ckpt in opened.values():
+            ckpt.close()
+        raise
     layers = [int(m.group(1)) for t in tensors if (m := LAYER_RE.search(t.out.name))]
     return MergePlan(
         config=config,

@@ -104,3 +104,15 @@ def test_pages_read_do_not_stay_resident(tmp_path):
         del t
     grown = _rss_bytes() - before
     assert grown < 24 << 20, f"RSS grew {grown / 2**20:.1f} MiB after reading 64 MiB"
+
+
+def test_read_after_close_reopens_only_the_same_file(tmp_path):
+    ref = _tensors()
+    save_file(ref, tmp_path / "w.safetensors")
+    ckpt = open_checkpoint(tmp_path / "w.safetensors")
+    ckpt.close()
+    assert torch.equal(ckpt.read("b.weight"), ref["b.weight"])
+    ckpt.close()
+    save_file({n: t + 1 if t.is_floating_point() else t for n, t in ref.items()}, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match="changed since its header was read"):
+        ckpt.read("b.weight")

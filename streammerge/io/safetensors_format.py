@@ -103,12 +103,63 @@ class TensorEntry:
         return DTYPES[self.dtype]
 
 
+MAX_TENSOR_BYTES = (1 << 63) - 1  # torch sizes are int64: no tensor (or dimension) can be larger
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def strict_json_object_pairs(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook`` that refuses a key given twice (``json`` would silently keep the last)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def decode_json(raw: bytes, path: str, what: str) -> object:
+    """Parse untrusted JSON bytes (strict UTF-8, no duplicate keys); any failure is a ``CheckpointError``.
+
+    ``json.loads`` alone lets through UTF-16/32 (it sniffs the encoding), raises ``RecursionError`` on
+    deeply nested input and a plain ``ValueError`` on integers of more than 4300 digits; all of those
+    become one message naming ``path`` here.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: {what} is not UTF-8 text (byte {e.start}); the file is corrupt") from e
+    try:
+        return json.loads(text, object_pairs_hook=strict_json_object_pairs)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: {what} names {_short(e.args[0], 200)} twice; the file is corrupt or was tampered with") from e
+    except RecursionError as e:
+        raise CheckpointError(f"{path}: {what} is JSON nested too deeply to be a checkpoint; the file is corrupt") from e
+    except ValueError as e:  # JSONDecodeError, and int() of a number with too many digits
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({str(e)[:200]}); the file is corrupt") from e
+    except MemoryError as e:
+        raise CheckpointError(f"{path}: {what} ({len(raw)} bytes) is too large to parse in the memory available") from e
+
+
+def is_utf8(text: str) -> bool:
+    """False for strings holding lone surrogates (JSON ``"\\ud800"``), which no file name or UTF-8 file can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_header(raw_len: bytes, read_header, file_size: int, path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Validate and parse a safetensors header.
 
     ``raw_len`` is the first 8 bytes; ``read_header(n)`` returns the next ``n`` bytes. Every check the
     spec implies is made here, so later reads can trust offsets: the data section must be covered
     exactly, with no holes or overlaps, and every entry's byte length must match dtype x shape.
+    Stricter than the reference reader in one respect: a tensor name given twice is refused (the
+    reference keeps the last one).
     """
     if len(raw_len) < 8:
         raise CheckpointError(f"{path}: file is {file_size} bytes, too short to be safetensors (truncated?)")
@@ -117,15 +168,18 @@ def parse_header(raw_len: bytes, read_header, file_size: int, path: str) -> tupl
         raise CheckpointError(f"{path}: header claims {n} bytes, over the {MAX_HEADER_BYTES}-byte limit (corrupt file)")
     if 8 + n > file_size:
         raise CheckpointError(f"{path}: header length {n} runs past the end of the {file_size}-byte file (truncated?)")
-    try:
-        header = json.loads(read_header(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from e
+    raw = read_header(n)
+    if len(raw) != n:
+        raise CheckpointError(f"{path}: header of {n} bytes could not be read in full (file changed or truncated?)")
+    header = decode_json(raw, path, "header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(
+        isinstance(v, str) and is_utf8(k) and is_utf8(v) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
     data_start = 8 + n
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
@@ -135,7 +189,7 @@ def parse_header(raw_len: bytes, read_header, file_size: int, path: str) -> tupl
     for begin, end, name in spans:
         if begin != cursor:
             kind = "overlaps the previous tensor" if begin < cursor else f"leaves a hole of {begin - cursor} bytes"
-            raise CheckpointError(f"{path}: tensor {name!r} {kind} (corrupt header)")
+            raise CheckpointError(f"{path}: tensor {_short(name, 200)} {kind} (corrupt header)")
         cursor = end
     if cursor != file_size:
         if cursor > file_size:
@@ -144,28 +198,57 @@ def parse_header(raw_len: bytes, read_header, file_size: int, path: str) -> tupl
     return entries, metadata
 
 
+def bounded_numel(shape: list[int], limit: int) -> int | None:
+    """The product of ``shape``, or None once it passes ``limit``.
+
+    Stops early: ``math.prod`` of a million-entry shape of large numbers in a hostile header would
+    build a multi-megabit integer and take minutes.
+    """
+    if 0 in shape:
+        return 0
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > limit:
+            return None
+    return numel
+
+
 def _parse_entry(name: str, info: object, data_start: int, path: str) -> TensorEntry:
-    where = f"{path}: tensor {name!r}"
+    where = f"{path}: tensor {_short(name, 200)}"
+    if not is_utf8(name):
+        raise CheckpointError(f"{path}: tensor name {_short(name, 200)} is not valid Unicode (lone surrogate); the file is corrupt")
     if not isinstance(info, dict):
-        raise CheckpointError(f"{where}: header entry is not an object")
+        raise CheckpointError(f"{where}: header entry is not an object (corrupt header)")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_TENSOR_BYTES for d in shape):
+        raise CheckpointError(f"{where}: shape {_short(shape)} is not a list of non-negative 64-bit integers (corrupt header)")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
-    expected = math.prod(shape) * itemsize(dtype)
+        raise CheckpointError(f"{where}: data_offsets {_short(offsets)} is not [begin, end] with 0 <= begin <= end (corrupt header)")
+    size = itemsize(dtype)
+    numel = bounded_numel(shape, MAX_TENSOR_BYTES // size)
+    if numel is None:
+        raise CheckpointError(f"{where}: shape {_short(shape)} holds more than 2^63 bytes of {dtype} (corrupt header)")
+    expected = numel * size
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
-            f"{where}: {dtype} {shape} needs {expected} bytes but data_offsets span {offsets[1] - offsets[0]}"
+            f"{where}: {dtype} {_short(shape)} needs {expected} bytes but data_offsets span {offsets[1] - offsets[0]}"
+            " (corrupt header)"
         )
     return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: a hostile value may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def sort_for_writing(tensors: list[tuple[str, str]]) -> list[tuple[str, str]]:
