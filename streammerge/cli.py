@@ -90,6 +90,7 @@ def merge(config: Path, out_dir: Path, device: str, out_shard_size: str, chunk_e
                 click.echo(line)
             return
         _tune_allocator()
+        _raise_open_file_limit()
         options = MergeOptions(resolve_device(device), overwrite, restart, allow_nonfinite, sync_bytes)
         if quiet:
             result = run_merge(the_plan, options)
@@ -120,6 +121,19 @@ def _tune_allocator() -> None:
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the largest glibc allows
         libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
+        pass
+
+
+def _raise_open_file_limit() -> None:
+    """Every input shard stays open from planning to the end (one descriptor each): many experts
+    of many shards can pass the usual soft limit of 1024, so raise it to the hard limit."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+    except (ImportError, ValueError, OSError):
         pass
 
 
