@@ -83,6 +83,7 @@ def merge(config: Path, out_dir: Path, device: str, out_shard_size: str, chunk_e
     if chunk <= 0 or chunk % (1 << 20):
         raise StreamMergeError(f"--chunk-size {chunk}: must be a positive multiple of 1048576")
     sync_bytes = None if sync_every == "end" else 0 if sync_every.strip() == "0" else parse_size(sync_every)
+    _raise_open_file_limit()
     the_plan = make_plan(config, out_dir, out_shard_size=out_shard_size, chunk_elements=chunk)
     try:
         if dry_run:
@@ -90,7 +91,6 @@ def merge(config: Path, out_dir: Path, device: str, out_shard_size: str, chunk_e
                 click.echo(line)
             return
         _tune_allocator()
-        _raise_open_file_limit()
         options = MergeOptions(resolve_device(device), overwrite, restart, allow_nonfinite, sync_bytes)
         if quiet:
             result = run_merge(the_plan, options)
