@@ -76,7 +76,15 @@ def test_get_flat_across_frames_returns_owned_tensors(tmp_path):
             sc.get_flat("w", 2000, 200)
 
 
-def test_rank1_is_row_sums_times_column_sums_over_total(tmp_path):
+@pytest.fixture(params=[1 << 22, 97], ids=["one-block", "row-blocks"])
+def blocks(request, monkeypatch):
+    """Factorization in one block, or in many row blocks (97 elements: 2 rows of 48)."""
+    from streammerge.io import second_moment_factors
+
+    monkeypatch.setattr(second_moment_factors, "BLOCK_ELEMENTS", request.param)
+
+
+def test_rank1_is_row_sums_times_column_sums_over_total(tmp_path, blocks):
     v = _v(64, 48)
     _write(tmp_path / "a.sc", {"w": v, "b": _v(48), "row": _v(1, 48)}, rank=1)
     vd = v.double()
@@ -100,8 +108,8 @@ def test_rank1_of_all_zero_is_zero(tmp_path):
         assert sc.representation("w") == "rank1" and torch.equal(sc.get("w"), torch.zeros(8, 9))
 
 
-@pytest.mark.parametrize("shape", [(60, 20), (20, 60)])
-def test_rank_k_is_the_clamped_truncated_svd(tmp_path, shape):
+@pytest.mark.parametrize("shape", [(60, 20), (20, 60), (300, 200)])
+def test_rank_k_is_the_clamped_truncated_svd(tmp_path, shape, blocks):
     v = _v(*shape)
     k = 3
     _write(tmp_path / "a.sc", {"w": v}, rank=k)
@@ -312,7 +320,7 @@ def test_wrong_model_is_refused_by_shape_or_count(tmp_path):
     pytest.importorskip("transformers")
     (tmp_path / "opt").mkdir()
     shutil.copy(TRAINER / "optimizer.pt", tmp_path / "opt" / "optimizer.pt")
-    with pytest.raises(CheckpointError, match="no model weights; pass --model"):
+    with pytest.raises(CheckpointError, match="no model weights to name and check its states; pass --model"):
         sidecar.convert(tmp_path / "opt", tmp_path / "t.sc")
     with pytest.raises(CheckpointError, match="cannot name the optimizer states.*(shape|ids)"):
         sidecar.convert(tmp_path / "opt", tmp_path / "t.sc", model=FIXTURES / "tiny-llama-base")

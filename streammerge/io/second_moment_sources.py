@@ -269,11 +269,10 @@ def _id_state_source(path: Path, mapped: MappedTorchFile, sd: dict, weights_dir:
 
 
 def _trainer_source(folder: Path, model_dir: Path | None, use_transformers: bool) -> Source:
-    weights_dir = folder
-    if model_dir is not None:
-        weights_dir = model_dir
-    elif not _has_weights(folder):
-        raise CheckpointError(f"{folder}: has {OPTIMIZER_FILE} but no model weights; pass --model MODEL_DIR")
+    weights_dir = next((d for d in (model_dir, folder) if d is not None and _has_weights(d)), None)
+    if weights_dir is None:
+        raise CheckpointError(f"{folder}: has {OPTIMIZER_FILE} but no model weights to name and check its states; "
+                              "pass --model MODEL_DIR")
     config_dir = model_dir if model_dir is not None and (model_dir / "config.json").is_file() else folder
     mapped = MappedTorchFile(folder / OPTIMIZER_FILE)
     source = _id_state_source(folder / OPTIMIZER_FILE, mapped, mapped.load(), weights_dir, config_dir, use_transformers)
