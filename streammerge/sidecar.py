@@ -327,13 +327,29 @@ def export(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str |
     A state whose shape differs from its parameter's (a shard) is refused with that advice.
     """
     k = parse_rank(rank)
-    out = Path(path)
+    items, beta2_by_param = _live_states(model, optimizer)
+    steps = {_state_step(optimizer.state[p]) for _, p in items}
+    betas = {beta2_by_param.get(id(p)) for _, p in items}
+    metadata = {"source": source or type(model).__name__, "optimizer": type(optimizer).__name__,
+                "step": steps.pop() if len(steps) == 1 else None,
+                "beta2": betas.pop() if len(betas) == 1 else None}
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor, int | None]]:
+        for name, p in items:
+            state = optimizer.state[p]
+            yield name, state["exp_avg_sq"].detach().to("cpu", torch.float32), _state_step(state)
+
+    return _write(Path(path), tensors(), k, dtype, metadata, Path(path))
+
+
+def _live_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                 ) -> tuple[list[tuple[str, torch.nn.Parameter]], dict[int, float]]:
+    """(name, parameter) pairs that have a full exp_avg_sq, in ``named_parameters()`` order; β₂ by id(param)."""
     beta2_by_param: dict[int, float] = {}
     for group in optimizer.param_groups:
         betas = group.get("betas")
-        for p in group["params"]:
-            if isinstance(betas, (tuple, list)):
-                beta2_by_param[id(p)] = float(betas[1])
+        if isinstance(betas, (tuple, list)):
+            beta2_by_param.update({id(p): float(betas[1]) for p in group["params"]})
     items: list[tuple[str, torch.nn.Parameter]] = []
     skipped = []
     for name, p in model.named_parameters():
@@ -353,18 +369,7 @@ def export(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str |
     if not items:
         raise StreamMergeError(f"export: {type(optimizer).__name__} holds no exp_avg_sq for any parameter of the model; "
                                "export after at least one optimizer step")
-    steps = {_state_step(optimizer.state[p]) for _, p in items}
-    betas = {beta2_by_param.get(id(p)) for _, p in items}
-    metadata = {"source": source or type(model).__name__, "optimizer": type(optimizer).__name__,
-                "step": steps.pop() if len(steps) == 1 else None,
-                "beta2": betas.pop() if len(betas) == 1 else None}
-
-    def tensors() -> Iterator[tuple[str, torch.Tensor, int | None]]:
-        for name, p in items:
-            state = optimizer.state[p]
-            yield name, state["exp_avg_sq"].detach().to("cpu", torch.float32), _state_step(state)
-
-    return _write(out, tensors(), k, dtype, metadata, out)
+    return items, beta2_by_param
 
 
 def _state_step(state: dict) -> int | None:

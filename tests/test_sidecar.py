@@ -179,6 +179,8 @@ BROKEN = {
     "bad magic": (lambda p: p.write_bytes(b"NOTASIDE" + p.read_bytes()[8:]), "not a streammerge sidecar"),
     "newer version": (lambda p: p.write_bytes(p.read_bytes()[:8] + struct.pack("<I", 2) + p.read_bytes()[12:]),
                       "version 2, this streammerge reads version 1"),
+    "unknown flags": (lambda p: p.write_bytes(p.read_bytes()[:12] + struct.pack("<I", 4) + p.read_bytes()[16:]),
+                      "flags 0x4"),
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-5]), "truncated"),
     "cut mid-frame": (lambda p: p.write_bytes(p.read_bytes()[:40]), "truncated"),
     "too short": (lambda p: p.write_bytes(b"\x89SIDECAR"), "too short"),
@@ -258,6 +260,29 @@ def test_trainer_checkpoint_converts_to_the_optimizer_states_by_name(tmp_path):
         assert sc.metadata["beta2"] == sd["param_groups"][0]["betas"][1] == 0.98
         assert sc.metadata["optimizer"] == "AdamW"
         assert {sc.step(n) for n in sc.keys()} == {6}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_our_decay_groups_equal_transformers_trainer(tmp_path, arch):
+    """hf_trainer_groups on the meta model's names == Trainer.get_decay_parameter_names (GPT-2's ln_1 is an
+    nn.LayerNorm whose name matches no pattern: only the type rule catches it)."""
+    transformers = pytest.importorskip("transformers")
+    from streammerge.io.optimizer_names import hf_trainer_groups
+
+    if arch == "llama":
+        folder = TRAINER
+    else:
+        folder = tmp_path / "gpt2"
+        transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=16, n_positions=8).save_pretrained(folder)
+    names, layernorm, cls = second_moment_sources._model_parameters(folder)
+    with torch.device("meta"):
+        model = getattr(transformers, cls)(transformers.AutoConfig.from_pretrained(folder))
+    expected = transformers.Trainer.get_decay_parameter_names(None, model)
+    decay, no_decay = hf_trainer_groups(names, layernorm)
+    assert list(decay) == [n for n, _ in model.named_parameters() if n in expected]
+    assert set(no_decay) == {n for n, _ in model.named_parameters()} - set(expected) and no_decay
+    if arch == "gpt2":
+        assert "transformer.h.0.ln_1.weight" in no_decay
 
 
 def test_trainer_checkpoint_without_model_order_is_ambiguous(tmp_path):

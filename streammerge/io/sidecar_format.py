@@ -2,7 +2,7 @@
 
 Format, version 1 (integers little-endian):
 
-    [16 bytes]  head:   magic b"\\x89SIDECAR" (8), u32 version = 1, u32 flags = 0
+    [16 bytes]  head:   magic b"\\x89SIDECAR" (8), u32 version = 1, u32 flags = 0 (readers refuse others)
     [frames]    zstd frames, back to back from byte 16: each holds elements of exactly one tensor
     [L bytes]   index:  UTF-8 JSON, below
     [32 bytes]  footer: u64 index_offset, u64 L, u32 crc32(index), u32 version, magic (8)
@@ -219,13 +219,16 @@ class SidecarReader:
         size = os.fstat(self._fd).st_size
         if size < HEAD.size + FOOTER.size:
             raise CheckpointError(f"{self.path}: {size} bytes is too short to be a sidecar (truncated?)")
-        magic, version, _ = HEAD.unpack(self._pread(0, HEAD.size))
+        magic, version, flags = HEAD.unpack(self._pread(0, HEAD.size))
         if magic != MAGIC:
             raise CheckpointError(f"{self.path}: not a streammerge sidecar (bad magic bytes)")
         if version != VERSION:
             raise CheckpointError(
                 f"{self.path}: sidecar version {version}, this streammerge reads version {VERSION}; upgrade streammerge"
             )
+        if flags != 0:
+            raise CheckpointError(f"{self.path}: uses sidecar features this streammerge does not know "
+                                  f"(flags {flags:#x}); upgrade streammerge")
         index_offset, length, crc, tail_version, tail_magic = FOOTER.unpack(self._pread(size - FOOTER.size, FOOTER.size))
         if tail_magic != MAGIC or tail_version != version:
             raise CheckpointError(f"{self.path}: footer missing or damaged; the file is truncated or corrupt")
