@@ -207,11 +207,12 @@ class OtaRun:
             if any(e.params.density is not None for e in inputs.experts):
                 raise ConfigError("ota: density (FFG) needs a base_model: the saliency is v·(θᵢ − θ₀)²")
             return
+        densities = [self._density(inputs, i) for i in range(len(inputs.experts))]
+        if any(SECOND_MOMENT not in e.aux for e in inputs.experts):
+            return  # merged linearly (see merge): not part of any expert's density
         pending = []
-        for i in range(len(inputs.experts)):
-            if self._density(inputs, i) is None:
-                if SECOND_MOMENT not in inputs.experts[i].aux:
-                    return  # tensor merged linearly: not part of any expert's density
+        for i, density in enumerate(densities):
+            if density is None:
                 continue
             v = _second_moment(inputs, i)
             if v is None:
