@@ -219,5 +219,71 @@ def inspect(path: Path) -> None:
         console.print(f"{len(ckpt.names())} tensors in {len(per_file)} file(s); parameters: {params}")
     finally:
         ckpt.close()
+@main.group()
+def sidecar() -> None:
+    """Second-moment sidecars (Adam exp_avg_sq per parameter) for OTA merging."""
+
+
+@sidecar.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--rank", default="1", show_default=True,
+              help="exact, 1 (row and column sums: O(m+n) per matrix) or K (truncated SVD of rank K).")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="Model folder (config.json + weights) that names an optimizer.pt's integer ids.")
+@click.option("--dtype", "storage", default="fp32", show_default=True, help="Storage dtype: fp32, bf16 or fp16.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@handle_errors
+def sidecar_convert(src: Path, out: Path, rank: str, model_dir: Path | None, storage: str, overwrite: bool) -> None:
+    """Convert second moments at SRC into the sidecar file OUT, one tensor at a time.
+
+    SRC: a name-keyed exp_avg_sq .safetensors file, a .pt/.bin torch file (name-keyed dict or
+    optimizer state), or a Hugging Face Trainer checkpoint folder (optimizer.pt + model weights).
+    """
+    from .planner import fmt_bytes
+    from .sidecar import convert
+
+    dtypes = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+    if storage not in dtypes:
+        raise StreamMergeError(f"--dtype {storage!r}: expected fp32, bf16 or fp16")
+    result = convert(src, out, rank=rank, model=model_dir, dtype=dtypes[storage], overwrite=overwrite)
+    ratio = result.stored_bytes / max(result.fp32_bytes, 1)
+    named = f"; names from {result.names_from}" if result.names_from else ""
+    click.echo(f"wrote {result.out}: {result.tensors} tensors from a {result.kind}, {fmt_bytes(result.stored_bytes)} "
+               f"= {ratio:.2%} of {fmt_bytes(result.fp32_bytes)} fp32 exp_avg_sq{named}")
+
+
+@sidecar.command("inspect")
+@click.argument("file", type=click.Path(path_type=Path))
+@handle_errors
+def sidecar_inspect(file: Path) -> None:
+    """List each tensor of a sidecar FILE (or raw exp_avg_sq .safetensors): representation and bytes."""
+    import math
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .planner import fmt_bytes
+    from .sidecar import load
+
+    with load(file) as sc:
+        table = Table(title=str(file))
+        for col in ("tensor", "shape", "representation", "stored bytes", "fp32 bytes", "ratio"):
+            table.add_column(col, justify="right" if "bytes" in col or col == "ratio" else "left")
+        stored = full = 0
+        for name in sc.keys():
+            shape = sc.shape(name)
+            nbytes, fp32 = sc.stored_bytes(name), 4 * math.prod(shape)
+            stored, full = stored + nbytes, full + fp32
+            table.add_row(name, "x".join(map(str, shape)) or "scalar", sc.representation(name), f"{nbytes:,}",
+                          f"{fp32:,}", f"{nbytes / max(fp32, 1):.2%}")
+        console = Console() if sys.stdout.isatty() else Console(width=160)
+        console.print(table)
+        facts = ", ".join(f"{k}: {v}" for k, v in sc.metadata.items() if v is not None)
+        console.print(f"metadata: {facts or 'none'}")
+        console.print(f"{len(sc.keys())} tensors: {fmt_bytes(stored)} stored, {fmt_bytes(full)} as fp32 exp_avg_sq "
+                      f"(ratio {stored / max(full, 1):.2%})")
+
+
 if __name__ == "__main__":
     main()

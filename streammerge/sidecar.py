@@ -1,0 +1,379 @@
+"""Second-moment sidecars: Adam's ``exp_avg_sq`` per parameter, for OTA merging.
+
+    import streammerge.sidecar as sidecar
+    sc = sidecar.load("expert.sidecar")          # or a name-keyed exp_avg_sq .safetensors file
+    sc.keys(); sc.metadata; sc.get(name); sc.get_flat(name, start, count); sc.shape(name)
+    sidecar.convert("checkpoint-500/", "expert.sidecar", rank=1)     # Trainer folder, .safetensors, .pt
+    sidecar.export(model, optimizer, "expert.sidecar", rank=1)       # from a live training process
+
+``get`` returns the second moment as represented (exact, or reconstructed from its factors), fp32,
+full shape; ``get_flat`` returns flat elements ``[start, start + count)`` (row-major) and reads or
+computes only what they need. Both return tensors the caller owns. The file format is specified in
+``streammerge/io/sidecar_format.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .errors import CheckpointError, OutputError, StreamMergeError
+from .io.reader import SafetensorsCheckpoint
+from .io.second_moment_factors import Factored, factorize, reconstruct, reconstruct_flat
+from .io.second_moment_sources import open_source
+from .io.sidecar_format import MAGIC, SidecarReader, SidecarWriter, StorageDtype, TensorRecord
+
+log = logging.getLogger(__name__)
+
+Rank = int | Literal["exact"]
+
+
+class SecondMoments:
+    """What a merge reads: second moments by parameter name. Use ``load`` to open one."""
+
+    path: Path
+    metadata: dict[str, Any]
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def representation(self, name: str) -> str:
+        return "exact"
+
+    def stored_bytes(self, name: str) -> int:
+        """Bytes this tensor takes in the file."""
+        raise NotImplementedError
+
+    def step(self, name: str) -> int | None:
+        """Adam's step count for ``name`` when known (for bias correction)."""
+        return self.metadata.get("step")
+
+    @property
+    def beta2(self) -> float | None:
+        return self.metadata.get("beta2")
+
+    def get(self, name: str) -> torch.Tensor:
+        """The second moment of ``name``: fp32, full shape."""
+        raise NotImplementedError
+
+    def get_flat(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Flat elements ``[start, start + count)`` of ``get(name)``: fp32, 1-D."""
+        raise NotImplementedError
+
+    def _check_range(self, name: str, start: int, count: int) -> None:
+        numel = math.prod(self.shape(name))
+        if start < 0 or count < 0 or start + count > numel:
+            raise ValueError(f"range [{start}, {start + count}) outside {name} of {numel} elements")
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> SecondMoments:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Sidecar(SecondMoments):
+    """A streammerge sidecar file. Caches the last decoded frame (exact) or factors (compact)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self._reader = SidecarReader(path)
+        self.path = self._reader.path
+        self.metadata = self._reader.metadata
+        self._frame: tuple[str, int, torch.Tensor] | None = None
+        self._factors: tuple[str, Factored] | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._reader.records)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._reader.records
+
+    def record(self, name: str) -> TensorRecord:
+        return self._reader.record(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._reader.record(name).shape
+
+    def representation(self, name: str) -> str:
+        return self._reader.record(name).representation
+
+    def stored_bytes(self, name: str) -> int:
+        return self._reader.record(name).stored_bytes
+
+    def step(self, name: str) -> int | None:
+        step = self._reader.record(name).step
+        return step if step is not None else self.metadata.get("step")
+
+    def _compact(self, record: TensorRecord) -> Factored:
+        if self._factors is None or self._factors[0] != record.name:
+            self._factors = None
+            self._factors = (record.name, self._reader.factored(record))
+        return self._factors[1]
+
+    def get(self, name: str) -> torch.Tensor:
+        record = self._reader.record(name)
+        if record.representation == "exact":
+            return self._reader.payload(record).reshape(record.shape)
+        return reconstruct(self._compact(record)).clone()
+
+    def _frame_of(self, record: TensorRecord, j: int) -> torch.Tensor:
+        if self._frame is None or self._frame[:2] != (record.name, j):
+            self._frame = None
+            self._frame = (record.name, j, self._reader.frame(record, j))
+        return self._frame[2]
+
+    def get_flat(self, name: str, start: int, count: int) -> torch.Tensor:
+        record = self._reader.record(name)
+        self._check_range(name, start, count)
+        if record.representation != "exact":
+            return reconstruct_flat(self._compact(record), start, count).clone()
+        per = self._reader.frame_elements
+        out = torch.empty(count, dtype=torch.float32)
+        done = 0
+        while done < count:
+            j, offset = divmod(start + done, per)
+            piece = self._frame_of(record, j)[offset : offset + count - done]
+            out[done : done + piece.numel()] = piece
+            done += piece.numel()
+        return out
+
+    def close(self) -> None:
+        self._frame = self._factors = None
+        self._reader.close()
+
+
+class RawSecondMoments(SecondMoments):
+    """A name-keyed ``exp_avg_sq`` safetensors file (the OTA authors' export), read tensor by tensor.
+
+    ``metadata`` has ``source`` and, when the file's ``__metadata__`` carries them as numbers, ``step``
+    and ``beta2``; ``optimizer`` is unknown (None).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._ckpt = SafetensorsCheckpoint(self.path, [self.path], None)
+        for name in self._ckpt.names():
+            if not self._ckpt.meta(name).dtype.is_floating_point:
+                self._ckpt.close()
+                raise CheckpointError(f"{self.path}: tensor {name!r} is {self._ckpt.meta(name).dtype}, not a second moment")
+        self.metadata = {"source": str(self.path), "optimizer": None, **_numeric_metadata(self._ckpt.metadata)}
+
+    def keys(self) -> list[str]:
+        return self._ckpt.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._ckpt
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._ckpt.meta(name).shape
+
+    def stored_bytes(self, name: str) -> int:
+        return self._ckpt.meta(name).nbytes
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._ckpt.read(name).to(torch.float32)
+
+    def get_flat(self, name: str, start: int, count: int) -> torch.Tensor:
+        self._check_range(name, start, count)
+        return self._ckpt.read(name, start, count).to(torch.float32)
+
+    def close(self) -> None:
+        self._ckpt.close()
+
+
+def _numeric_metadata(raw: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"step": None, "beta2": None}
+    try:
+        step = int(raw.get("step", ""))
+        out["step"] = step if step >= 0 else None
+    except ValueError:
+        pass
+    try:
+        beta2 = float(raw.get("beta2", ""))
+        out["beta2"] = beta2 if 0 < beta2 < 1 else None
+    except ValueError:
+        pass
+    return out
+
+
+def load(path: str | os.PathLike) -> SecondMoments:
+    """Open a sidecar, or a raw name-keyed exp_avg_sq ``.safetensors`` file, by its first bytes."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(MAGIC))
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot open second moments ({e.strerror})") from e
+    if head == MAGIC:
+        return Sidecar(p)
+    if p.suffix == ".safetensors":
+        return RawSecondMoments(p)
+    raise CheckpointError(f"{p}: not a streammerge sidecar (bad magic bytes) nor a .safetensors file; "
+                          "convert it with 'streammerge sidecar convert'")
+
+
+def parse_rank(rank: Rank | str) -> int | None:
+    """``"exact"`` -> None; ``1`` / ``"1"`` -> 1; ``k`` -> k (k >= 1). Raises StreamMergeError otherwise."""
+    if rank == "exact":
+        return None
+    try:
+        k = int(rank)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1 or isinstance(rank, bool) or (isinstance(rank, float) and not rank.is_integer()):
+        raise StreamMergeError(f"rank {rank!r}: expected 'exact' or a positive integer (1 = row/column sums)")
+    return k
+
+
+def _checked(name: str, v: torch.Tensor, where: Path) -> torch.Tensor:
+    if not v.dtype.is_floating_point:
+        raise CheckpointError(f"{where}: tensor {name!r} is {v.dtype}, not a floating-point second moment")
+    if v.numel():
+        lo, hi = torch.aminmax(v)
+        if not (lo >= 0 and torch.isfinite(hi)):  # NaN fails both comparisons
+            raise CheckpointError(f"{where}: second moment {name!r} has negative, NaN or infinite values "
+                                  f"(min {float(lo):g}, max {float(hi):g}); the optimizer state is corrupt")
+    return v
+
+
+def _write(out: Path, items: Iterator[tuple[str, torch.Tensor, int | None]], rank: int | None, dtype: StorageDtype,
+           metadata: dict[str, Any], where: Path) -> Path:
+    with SidecarWriter(out, dtype) as writer:
+        for name, v, step in items:
+            writer.add(name, factorize(_checked(name, v, where), rank), step)
+            del v  # may be a view of a memory map; let it go before the next tensor is mapped
+        if not writer.records:
+            raise CheckpointError(f"{where}: has no second moments to convert")
+        return writer.finish(metadata)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    out: Path
+    kind: str  # what SRC was
+    tensors: int
+    stored_bytes: int  # compressed tensor bytes in OUT
+    fp32_bytes: int  # the same tensors as fp32 exp_avg_sq
+    names_from: str | None  # how integer optimizer ids were named, if they were
+
+
+def _refuse_same_file(src: Path, out: Path) -> None:
+    if out.exists() and src.exists() and os.path.samefile(src, out):
+        raise OutputError(f"{out}: is the input; choose another output file")
+    if out.exists() and out.is_dir():
+        raise OutputError(f"{out}: is a folder; the sidecar is one file, e.g. {out / 'exp_avg_sq.sidecar'}")
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, rank: Rank = 1, model: str | os.PathLike | None = None,
+            dtype: StorageDtype = "F32", overwrite: bool = False, use_transformers: bool = True) -> ConvertResult:
+    """Convert second moments at ``src`` into the sidecar file ``out``, streaming one tensor at a time.
+
+    ``src``: a name-keyed exp_avg_sq ``.safetensors`` file, a ``.pt``/``.bin`` torch file (name-keyed
+    dict or optimizer state), or a Hugging Face Trainer checkpoint folder (``optimizer.pt`` with integer
+    ids; names are recovered and shape-checked, see ``io/second_moment_sources.py``). ``model``: a model
+    folder (config.json, weights) for naming an id-keyed state. ``rank``: "exact", 1 (row/column sums)
+    or k (truncated SVD). ``dtype``: storage dtype of the stored values/factors (F32, BF16, F16).
+    """
+    k = parse_rank(rank)
+    src_p, out_p = Path(src), Path(out)
+    _refuse_same_file(src_p, out_p)
+    if out_p.exists() and not overwrite:
+        raise OutputError(f"{out_p}: exists; choose a new file or pass --overwrite")
+    if not out_p.parent.is_dir():
+        raise OutputError(f"{out_p.parent}: no such folder for the output")
+    source = open_source(src_p, model, use_transformers)
+    try:
+        _write(out_p, source.tensors(), k, dtype, dict(source.metadata), src_p)
+    finally:
+        source.close()
+    with Sidecar(out_p) as sc:
+        records = [sc.record(n) for n in sc.keys()]
+    return ConvertResult(out_p, source.kind, len(records), sum(r.stored_bytes for r in records),
+                         sum(r.numel * 4 for r in records), source.metadata.get("names_from"))
+
+
+def export(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike, rank: Rank = 1,
+           dtype: StorageDtype = "F32", source: str | None = None) -> Path:
+    """Write the second moments of a live ``torch.optim.Adam``/``AdamW`` (or any optimizer whose state has
+    ``exp_avg_sq``) as a sidecar at ``path``, named by ``model.named_parameters()``.
+
+    States are matched to names by parameter identity, so any param-group layout works. Parameters that
+    have no optimizer state (frozen, or never updated) are skipped and logged. Call it on one process
+    with full, unsharded fp32 states on the parameters themselves:
+
+    - DeepSpeed ZeRO (1-3): states are flat partitions; gather each parameter's full ``exp_avg_sq``
+      (``deepspeed.utils.safe_get_full_optimizer_state(param, "exp_avg_sq")`` on every rank) into a
+      name -> tensor dict and save it as safetensors, then ``streammerge sidecar convert`` that file.
+    - FSDP: states are sharded (DTensor for FSDP2, flat for FSDP1); gather a full optimizer state dict
+      (``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` with
+      ``StateDictOptions(full_state_dict=True, cpu_offload=True)``, keyed by parameter name) and save its
+      ``exp_avg_sq`` tensors by name, as above.
+    A state whose shape differs from its parameter's (a shard) is refused with that advice.
+    """
+    k = parse_rank(rank)
+    items, beta2_by_param = _live_states(model, optimizer)
+    steps = {_state_step(optimizer.state[p]) for _, p in items}
+    betas = {beta2_by_param.get(id(p)) for _, p in items}
+    metadata = {"source": source or type(model).__name__, "optimizer": type(optimizer).__name__,
+                "step": steps.pop() if len(steps) == 1 else None,
+                "beta2": betas.pop() if len(betas) == 1 else None}
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor, int | None]]:
+        for name, p in items:
+            state = optimizer.state[p]
+            yield name, state["exp_avg_sq"].detach().to("cpu", torch.float32), _state_step(state)
+
+    return _write(Path(path), tensors(), k, dtype, metadata, Path(path))
+
+
+def _live_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                 ) -> tuple[list[tuple[str, torch.nn.Parameter]], dict[int, float]]:
+    """(name, parameter) pairs that have a full exp_avg_sq, in ``named_parameters()`` order; β₂ by id(param)."""
+    beta2_by_param: dict[int, float] = {}
+    for group in optimizer.param_groups:
+        betas = group.get("betas")
+        if isinstance(betas, (tuple, list)):
+            beta2_by_param.update({id(p): float(betas[1]) for p in group["params"]})
+    items: list[tuple[str, torch.nn.Parameter]] = []
+    skipped = []
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p)
+        if not state or "exp_avg_sq" not in state:
+            skipped.append(name)
+            continue
+        v = state["exp_avg_sq"]
+        if hasattr(v, "full_tensor") or tuple(v.shape) != tuple(p.shape) or p.numel() == 0:
+            raise StreamMergeError(
+                f"export: {name!r}: exp_avg_sq of shape {list(v.shape)} for a parameter of shape {list(p.shape)} "
+                "is a shard (DeepSpeed ZeRO / FSDP); gather full per-parameter states first (see the docstring)"
+            )
+        items.append((name, p))
+    if skipped:
+        log.warning("export: %d parameters have no exp_avg_sq (frozen or never stepped), e.g. %s", len(skipped), skipped[0])
+    if not items:
+        raise StreamMergeError(f"export: {type(optimizer).__name__} holds no exp_avg_sq for any parameter of the model; "
+                               "export after at least one optimizer step")
+    return items, beta2_by_param
+
+
+def _state_step(state: dict) -> int | None:
+    step = state.get("step")
+    if isinstance(step, torch.Tensor):
+        step = step.item()
+    return int(step) if isinstance(step, (int, float)) and step >= 0 else None
