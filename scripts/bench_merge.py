@@ -94,10 +94,32 @@ def build_set(data_dir: Path, args, n_experts: int) -> list[Path]:
     return folders
 
 
-def config_yaml(method: str, base: Path, experts: list[Path], extra_model: str = "", extra: str = "") -> str:
-    density = ", density: 0.5" if method in ("ties", "dare_ties", "dare_linear") else ""
-    models = "".join(f"  - model: {e}\n    parameters: {{weight: {1.0 / len(experts):.4f}{density}}}\n{extra_model}" for e in experts)
+def config_yaml(method: str, base: Path, experts: list[Path], extra_model: str = "", extra: str = "",
+                sidecars: list[Path] | None = None, ffg_density: float | None = None) -> str:
+    if method == "ota":
+        density = f"\n    parameters: {{density: {ffg_density}}}" if ffg_density else ""
+        models = "".join(f"  - model: {e}\n    sidecar: {sc}{density}\n" for e, sc in zip(experts, sidecars))
+    else:
+        density = ", density: 0.5" if method in ("ties", "dare_ties", "dare_linear") else ""
+        models = "".join(f"  - model: {e}\n    parameters: {{weight: {1.0 / len(experts):.4f}{density}}}\n{extra_model}" for e in experts)
     return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: float32\nout_dtype: bfloat16\n{extra}"
+
+
+def build_sidecars(data_dir: Path, args, experts: list[Path]) -> list[Path]:
+    """A rank-1 sidecar per expert, converted by the CLI from a fake fp32 exp_avg_sq file (both cached)."""
+    from bench_sidecar import build as build_second_moments
+
+    shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
+    out = []
+    for i, expert in enumerate(experts):
+        sidecar = expert.parent / f"{expert.name}.sidecar"
+        if not sidecar.exists():
+            raw, _ = build_second_moments(expert.parent / f"v-{expert.name}", shapes, False, seed=i + 1)
+            print(f"converting {raw} -> {sidecar} ...", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, "-m", "streammerge.cli", "sidecar", "convert", str(raw), str(sidecar),
+                            "--rank", "1"], check=True, stdout=subprocess.DEVNULL)
+        out.append(sidecar)
+    return out
 
 
 # A small launcher process runs the command and reports its child's rusage. Measuring from this
@@ -163,6 +185,7 @@ def main() -> None:
     ap.add_argument("--scaling-experts", default="2,8", help="expert counts for the RSS-growth table ('' to skip)")
     ap.add_argument("--data-dir", type=Path, default=ROOT / "bench_data")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--ota", action="store_true", help="also time OTA and OTA+FFG against task_arithmetic (builds rank-1 sidecars once)")
     ap.add_argument("--sync-costs", action="store_true",
                     help="also time task_arithmetic with --sync-every end / 1GB (default) / 0 (every tensor)")
     args = ap.parse_args()
@@ -199,6 +222,22 @@ def main() -> None:
     print(f"\nRSS budget (import torch + 4 x largest fp32 tensor) = {gb(budget)}")
     for method, rss in rss_rows:
         print(f"- {method}: {gb(rss)} ({'within' if rss <= budget else 'OVER'} budget)")
+
+    if args.ota:
+        sidecars = build_sidecars(args.data_dir, args, experts)
+        warm([base, *experts])
+        print("\n| method | wall s | CPU s | peak RSS | wall vs task_arithmetic |")
+        print("| --- | ---: | ---: | ---: | ---: |", flush=True)
+        rows = [("task_arithmetic", config_yaml("task_arithmetic", base, experts)),
+                ("ota (rank-1 sidecars)", config_yaml("ota", base, experts, sidecars=sidecars)),
+                ("ota + FFG density 0.3 (two passes)", config_yaml("ota", base, experts, sidecars=sidecars, ffg_density=0.3))]
+        first = None
+        for label, text in rows:
+            cfg_path = work / "ota-bench.yaml"
+            cfg_path.write_text(text)
+            wall, rss, code, cpu = run_tool("streammerge", cfg_path, work / "out-sm")
+            first = first or wall
+            print(f"| {label} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | {wall / first:.2f}x |" + ("" if code == 0 else " FAILED"), flush=True)
 
     if args.sync_costs:
         print("\n| --sync-every | wall s | CPU s | vs end-only |")

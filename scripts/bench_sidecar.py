@@ -28,12 +28,12 @@ from streammerge.io.writer import ShardWriter, plan_shards  # noqa: E402
 from streammerge.io.safetensors_format import TensorSpec  # noqa: E402
 
 
-def fake_second_moment(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+def fake_second_moment(name: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()) if seed else zlib.crc32(name.encode()))
     return torch.randn(shape, generator=g).mul_(2.0).sub_(22.0).exp_()
 
 
-def build(folder: Path, shapes: dict[str, tuple[int, ...]], with_torch: bool) -> tuple[Path, Path | None]:
+def build(folder: Path, shapes: dict[str, tuple[int, ...]], with_torch: bool, seed: int = 0) -> tuple[Path, Path | None]:
     folder.mkdir(parents=True, exist_ok=True)
     st = folder / "model.safetensors"
     if not (folder / ".complete").exists():
@@ -42,8 +42,9 @@ def build(folder: Path, shapes: dict[str, tuple[int, ...]], with_torch: bool) ->
         shards = plan_shards(specs, max_shard_bytes=1 << 62)
         with ShardWriter(folder, shards) as writer:
             for name, shape in shapes.items():
-                writer.write(name, fake_second_moment(name, shape))
-            writer.finish()
+                writer.write(name, fake_second_moment(name, shape, seed))
+                writer.finish_tensor(name)
+            writer.finalize()
         (folder / ".complete").write_text("ok")
     pt = folder / "exp_avg_sq.pt"
     if with_torch and not pt.exists():

@@ -98,6 +98,8 @@ def merge(config: Path, out_dir: Path, device: str, out_shard_size: str, chunk_e
             result = _run_with_progress(the_plan, options)
     finally:
         the_plan.close()
+    for line in result.report:
+        click.echo(line)
     if result.already_complete:
         click.echo(f"{result.out_dir} already holds this merge, complete; nothing to do "
                    f"(--restart to redo it, `streammerge verify {result.out_dir}` to check it)")
@@ -151,17 +153,31 @@ def _run_with_progress(plan, options):
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(f"{name} 0/{n} tensors", total=total)
         done = 0
+        left = [total]  # output bytes still to compute
+        calibrated = [0, 0]  # tensors read by a calibration pass, of how many
 
         def progress(event) -> None:
             nonlocal done
             if event.kind == "start":
                 done = event.tensors
+                left[0] = total - event.nbytes
                 if done:
                     bar.console.print(f"resuming: {done}/{n} tensors ({fmt_bytes(event.nbytes)}) already done")
                 # reset, not advance: bytes done by an earlier run do not count towards the speed
                 bar.reset(task, total=total, completed=event.nbytes, description=f"{name} {done}/{n} tensors")
+            elif event.kind == "calibrate_start":
+                bar.reset(task, total=event.nbytes, completed=0, description=f"{name}: calibrating 0/{event.tensors}")
+                calibrated[:] = [0, event.tensors]
+            elif event.kind == "calibrate":
+                calibrated[0] += 1
+                bar.update(task, advance=event.nbytes,
+                           description=f"{name}: calibrating {calibrated[0]}/{calibrated[1]} tensors")
+                if calibrated[0] == calibrated[1]:
+                    bar.reset(task, total=total, completed=total - left[0],
+                              description=f"{name} {done}/{n} tensors")
             else:
                 done += 1
+                left[0] -= event.nbytes
                 bar.update(task, advance=event.nbytes, description=f"{name} {done}/{n} tensors")
 
         return run_merge(plan, options, progress)

@@ -23,6 +23,7 @@ config file's folder when that is where they exist.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -124,7 +125,7 @@ def parse_config(text: str, root: Path | None = None, where: str = "config") -> 
     base = _resolve_path(raw["base_model"], root, where, "base_model") if raw.get("base_model") else None
     if method.base_model == "required" and base is None:
         raise ConfigError(f"{where}: merge_method {name} needs base_model:")
-    models = [_model_entry(m, i, root, where) for i, m in enumerate(raw.get("models") or [])]
+    models = [_model_entry(m, i, root, where, method) for i, m in enumerate(raw.get("models") or [])]
     if not models:
         raise ConfigError(f"{where}: models: must list at least one model")
     params = raw.get("parameters") or {}
@@ -165,7 +166,7 @@ def _resolve_path(value: object, root: Path | None, where: str, key: str) -> Pat
     return p
 
 
-def _model_entry(raw: object, i: int, root: Path | None, where: str) -> ModelEntry:
+def _model_entry(raw: object, i: int, root: Path | None, where: str, method: MergeMethod) -> ModelEntry:
     if isinstance(raw, str):
         raw = {"model": raw}
     if not isinstance(raw, dict) or "model" not in raw:
@@ -173,7 +174,14 @@ def _model_entry(raw: object, i: int, root: Path | None, where: str) -> ModelEnt
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: models[{i}].parameters must be a mapping")
-    extra = {k: v for k, v in raw.items() if k not in ("model", "parameters")}
+    extra = {}
+    for key, value in raw.items():
+        if key in ("model", "parameters"):
+            continue
+        if key not in method.model_keys:
+            allowed = ", ".join(["model", "parameters", *sorted(method.model_keys)])
+            raise ConfigError(f"{where}: models[{i}]: unknown key {key!r} for {method.name} (allowed: {allowed})")
+        extra[key] = _resolve_path(value, root, where, f"models[{i}].{key}")  # model_keys are file paths
     return ModelEntry(_resolve_path(raw["model"], root, where, f"models[{i}].model"), params, extra)
 
 
@@ -257,6 +265,15 @@ def evaluate(setting: Any, tensor: str, t: float) -> Any:
 
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    kind = kind.removesuffix(" | None")  # value is not None here
+    if kind == "float" and isinstance(value, str):
+        try:  # YAML 1.1 (PyYAML) reads 1e-26, without a dot, as a string
+            value = float(value)
+        except ValueError:
+            pass
+        else:
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: {yaml_name(f)} must be a finite number, got {value!r}")
     if kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {yaml_name(f)} must be true or false, got {value!r}")

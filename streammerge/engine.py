@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -30,9 +30,10 @@ from .io.hf_files import write_model_card, write_model_files
 from .io.journal import Journal
 from .io.reader import Checkpoint
 from .io.writer import ShardWriter
-from .methods.base import ChunkInputs, ExpertInput
+from .methods.base import SECOND_MOMENT, SECOND_MOMENT_BIAS_CORRECTION, ChunkInputs, ExpertInput
 from .output_dir import claim_output_dir
 from .planner import MergePlan, PlannedTensor, chunk_ranges
+from .sidecar import SecondMoments
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,12 @@ class ProgressEvent:
     """What ``run_merge`` reports as it goes.
 
     ``start``: ``tensors``/``nbytes`` already done by an earlier run (0 for a fresh merge);
-    ``tensor``: one tensor of ``nbytes`` output bytes finished (``name``).
+    ``tensor``: one tensor of ``nbytes`` output bytes finished (``name``);
+    ``calibrate_start``: a whole-model calibration pass over ``tensors`` tensors (``nbytes``) begins;
+    ``calibrate``: that pass has read tensor ``name``.
     """
 
-    kind: Literal["start", "tensor"]
+    kind: Literal["start", "tensor", "calibrate_start", "calibrate"]
     name: str = ""
     nbytes: int = 0
     tensors: int = 0
@@ -75,6 +78,7 @@ class MergeResult:
     resumed_tensors: int = 0  # finished by an earlier, interrupted run and not recomputed
     computed_tensors: int = 0  # computed by this run
     already_complete: bool = False  # OUT_DIR already held this merge, finished
+    report: list[str] = field(default_factory=list)  # the method's lines for the user (e.g. FFG density achieved)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,31 +115,60 @@ def _loader(ckpt: Checkpoint, name: str, start: int, count: int | None, device: 
     return load
 
 
+def _second_moment_loaders(sc: SecondMoments | None, name: str, start: int, count: int | None,
+                           device: torch.device) -> dict[str, Callable[[], torch.Tensor | None]]:
+    """``aux`` loaders of one expert's second moment for this chunk; none if its sidecar lacks it."""
+    if sc is None or name not in sc:
+        return {}
+
+    def second_moment() -> torch.Tensor:
+        v = sc.get(name) if count is None else sc.get_flat(name, start, count)
+        return v.to(device=device, dtype=torch.float32)
+
+    def bias_correction() -> torch.Tensor | None:
+        step, beta2 = sc.step(name), sc.beta2
+        if step is None or step < 1 or beta2 is None or not 0 < beta2 < 1:
+            return None
+        return torch.tensor(1.0 / (1.0 - beta2**step))
+
+    return {SECOND_MOMENT: second_moment, SECOND_MOMENT_BIAS_CORRECTION: bias_correction}
+
+
 def _inputs(plan: MergePlan, tensor: PlannedTensor, params, model_params, start: int, count: int | None,
-            state, options: MergeOptions) -> ChunkInputs:
+            state, options: MergeOptions, run) -> ChunkInputs:
     name, device, finite = tensor.out.name, options.device, not options.allow_nonfinite
     base = _loader(plan.base, name, start, count, device, finite)() if plan.base is not None else None
+    sidecars = plan.second_moments or [None] * len(plan.experts)
     experts = [
-        ExpertInput(_loader(ckpt, name, start, count, device, finite), mp)
-        for ckpt, mp in zip(plan.experts, model_params)
+        ExpertInput(_loader(ckpt, name, start, count, device, finite), mp,
+                    _second_moment_loaders(sc, name, start, count, device))
+        for ckpt, mp, sc in zip(plan.experts, model_params, sidecars)
     ]
-    return ChunkInputs(name, tensor.out.shape, start, base, experts, params, plan.config.seed, state, device)
+    return ChunkInputs(name, tensor.out.shape, start, base, experts, params, plan.config.seed, state, device, run)
 
 
-def merge_tensor(plan: MergePlan, tensor: PlannedTensor, writer: ShardWriter | WriteBehind, options: MergeOptions) -> None:
+def tensor_chunks(plan: MergePlan, tensor: PlannedTensor, options: MergeOptions, run=None):
+    """``chunks(state=None)``: a function yielding the tensor's ``ChunkInputs``, one per chunk, anew per call."""
+    out = tensor.out
+    params, model_params = resolve_parameters(plan.config, out.name, layer_position(out.name, plan.num_layers))
+    ranges = chunk_ranges(out.numel, plan.chunk_elements) if plan.config.method.elementwise else [(0, None)]
+
+    def chunks(state=None) -> Iterator[ChunkInputs]:
+        for start, count in ranges:
+            yield _inputs(plan, tensor, params, model_params, start, count, state, options, run)
+
+    return chunks
+
+
+def merge_tensor(plan: MergePlan, tensor: PlannedTensor, writer: ShardWriter | WriteBehind, options: MergeOptions,
+                 run=None) -> None:
     """Compute one output tensor and write it (in chunks for elementwise methods)."""
     out = tensor.out
     if not tensor.merged:
         writer.write(out.name, plan.reference.read(out.name))
         return
     method = plan.config.method
-    params, model_params = resolve_parameters(plan.config, out.name, layer_position(out.name, plan.num_layers))
-    ranges = chunk_ranges(out.numel, plan.chunk_elements) if method.elementwise else [(0, None)]
-
-    def chunks(state=None) -> Iterator[ChunkInputs]:
-        for start, count in ranges:
-            yield _inputs(plan, tensor, params, model_params, start, count, state, options)
-
+    chunks = tensor_chunks(plan, tensor, options, run)
     state = method.prepare(chunks) if method.prepare is not None else None
     for inputs in chunks(state):
         result = method.merge(inputs)
@@ -218,18 +251,48 @@ def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: Pr
             progress(ProgressEvent("start", nbytes=sum(r.length for r in done.values()), tensors=len(done)))
         log.info("merging %d tensors (%d already done) with %s on %s into %s",
                  total, len(done), plan.config.method.name, options.device, plan.out_dir)
+        run = _start_run(plan, options, done, progress)
         with ShardWriter(plan.out_dir, plan.shards, done) as writer:
-            computed = _merge_all(plan, options, writer, claim.journal, progress)
+            computed = _merge_all(plan, options, writer, claim.journal, progress, run)
             write_model_files(plan.reference.folder, plan.out_dir, plan.config.out_dtype or plan.config.dtype)
             write_model_card(plan.out_dir, plan.config.source, plan.config.method.name, [str(p) for p in plan.config.inputs])
             writer.finalize()
         claim.journal.complete()
+    report = run.report() if run is not None else []
+    for line in report:
+        log.info("%s", line)
     return MergeResult(plan.out_dir, total, plan.output_bytes, time.perf_counter() - t0,
-                       resumed_tensors=total - computed, computed_tensors=computed)
+                       resumed_tensors=total - computed, computed_tensors=computed, report=report)
+
+
+def _start_run(plan: MergePlan, options: MergeOptions, done: dict, progress: ProgressFn | None):
+    """The method's whole-model state, calibrated over every merged tensor first if it asks for it.
+
+    A resumed merge calibrates again (the pass is deterministic, so the thresholds are the same)."""
+    method = plan.config.method
+    merged = [t for t in plan.tensors if t.merged]
+    if method.start_run is None or not merged or all(t.out.name in done for t in plan.tensors):
+        return None
+    run = method.start_run(len(plan.experts), options.device)
+    _, model_params = resolve_parameters(plan.config, merged[0].out.name,
+                                         layer_position(merged[0].out.name, plan.num_layers))
+    if run.needs_calibration(model_params):
+        if progress is not None:
+            progress(ProgressEvent("calibrate_start", nbytes=sum(t.out.nbytes for t in merged), tensors=len(merged)))
+        for i, tensor in enumerate(merged):
+            if i + 1 < len(merged):
+                _prefetch(plan, merged[i + 1])
+            for inputs in tensor_chunks(plan, tensor, options, run)():
+                run.observe(inputs)
+                del inputs
+            if progress is not None:
+                progress(ProgressEvent("calibrate", tensor.out.name, tensor.out.nbytes))
+        run.calibrate()
+    return run
 
 
 def _merge_all(plan: MergePlan, options: MergeOptions, writer: ShardWriter, journal: Journal,
-               progress: ProgressFn | None) -> int:
+               progress: ProgressFn | None, run=None) -> int:
     """The loop: every tensor not yet done is computed, written and journaled. Returns how many."""
     todo = [t for t in plan.tensors if t.out.name not in writer.done]
     since_sync = 0
@@ -238,7 +301,7 @@ def _merge_all(plan: MergePlan, options: MergeOptions, writer: ShardWriter, jour
         for i, tensor in enumerate(todo):
             if i + 1 < len(todo):
                 _prefetch(plan, todo[i + 1])
-            merge_tensor(plan, tensor, behind, options)
+            merge_tensor(plan, tensor, behind, options, run)
             behind.finish(tensor.out.name)
             since_sync += tensor.out.nbytes
             if options.sync_bytes is not None and since_sync >= options.sync_bytes:

@@ -10,7 +10,7 @@ through a symlink) are refused here, naming the file and tensor, before anything
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,9 @@ from .errors import PlanError
 from .io.hf_files import COPIED_FILES
 from .io.reader import Checkpoint, TensorMeta, check_model_file, open_checkpoint
 from .io.writer import OutputTensor, ShardPlan, plan_shards
+from .second_moments import describe as describe_second_moments
+from .second_moments import open_second_moments
+from .sidecar import SecondMoments
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 per buffer; a multiple of dare.RNG_BLOCK
@@ -61,6 +64,7 @@ class MergePlan:
     num_layers: int
     chunk_elements: int
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    second_moments: list[SecondMoments | None] = field(default_factory=list)  # per expert (OTA sidecars)
 
     @property
     def output_bytes(self) -> int:
@@ -88,11 +92,15 @@ class MergePlan:
         files = [f for ckpt in self.checkpoints() for f in (*ckpt.files, *ckpt.index_files)]
         files += [self.reference.folder / name for name in ("config.json", *COPIED_FILES)
                   if (self.reference.folder / name).is_file()]
+        files += [sc.path for sc in self.second_moments if sc is not None]
         return files
 
     def close(self) -> None:
         for ckpt in self.checkpoints():
             ckpt.close()
+        for sc in self.second_moments:
+            if sc is not None:
+                sc.close()
 
 
 def _tensor_order(name: str) -> tuple[int, str]:
@@ -179,6 +187,7 @@ def make_plan(
             tensors.append(PlannedTensor(OutputTensor(name, dtype, meta.shape), merged))
         if not tensors:
             raise PlanError(f"{reference.path}: has no tensors to merge")
+        sidecars = open_second_moments(config, [t.out for t in tensors if t.merged])
     except BaseException:
         for ckpt in opened.values():
             ckpt.close()
@@ -195,6 +204,7 @@ def make_plan(
         num_layers=max(layers) + 1 if layers else 0,
         chunk_elements=chunk_elements,
         max_shard_bytes=max_shard_bytes,
+        second_moments=sidecars,
     )
 
 
@@ -206,6 +216,8 @@ def describe_plan(plan: MergePlan) -> list[str]:
         f"method      {cfg.method.name}",
         f"base        {cfg.base_model or '-'}",
         *[f"expert      {e.path}" for e in cfg.experts],
+        *(describe_second_moments(cfg, [t.out for t in plan.tensors if t.merged], plan.second_moments)
+          if any(sc is not None for sc in plan.second_moments) else []),
         f"tensors     {len(plan.tensors)} ({sum(not t.merged for t in plan.tensors)} copied), "
         f"{plan.num_layers} layers, out dtype {', '.join(dtypes)}",
         f"output      {fmt_bytes(plan.output_bytes)} in {len(plan.shards)} shard(s) -> {plan.out_dir}",

@@ -140,8 +140,8 @@ def test_dare_masks_depend_on_seed_and_tensor_not_order():
 def test_all_methods_are_chunk_invariant():
     base, ex = _experts(shape=(32, 33))
     for name, m in METHODS.items():
-        if not m.elementwise or name.startswith("dare"):
-            continue
+        if not m.elementwise or name.startswith("dare") or name == "ota":
+            continue  # DARE: RNG blocks (test above); OTA needs second moments (tests/test_ota.py)
         kw = {"densities": [0.5, 0.3, 0.8]} if "density" in m.model_params.__dataclass_fields__ else {}
         b = None if m.base_model == "unused" else base
         whole = _run(name, b, ex, [1.0, 0.5, 0.7], **kw)

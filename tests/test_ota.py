@@ -40,7 +40,7 @@ def _chunks(name, base, experts, vs, model_params, params, chunk=None, state=Non
             if corrections is not None:
                 aux[BIAS_CORRECTION] = lambda c=corrections[i]: None if c is None else torch.tensor(c)
             ex.append(ExpertInput(lambda e=e, sl=sl: sl(e), mp, aux))
-        yield ChunkInputs(name, shape, start, sl(base) if base is not None else None, ex, params, 0, state)
+        yield ChunkInputs(name, shape, start, sl(base) if base is not None else None, ex, params, 0, run=state)
 
 
 def _merge(base, experts, vs, model_params, params=None, chunk=None, state=None, name="model.layers.0.mlp.w", **kw):

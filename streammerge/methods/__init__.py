@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import dare, linear, task_arithmetic, ties
+from . import dare, linear, ota, task_arithmetic, ties
 from .base import ChunkInputs, ExpertInput, MergeMethod
 
 METHODS: dict[str, MergeMethod] = {
@@ -13,6 +13,7 @@ METHODS: dict[str, MergeMethod] = {
         ties.METHOD,
         dare.LINEAR,
         dare.TIES,
+        ota.METHOD,
     )
 }
 

@@ -18,6 +18,15 @@ Experts are *loaders*, not tensors: ``experts[i].load()`` reads expert i's chunk
 device) when called, so a method that accumulates expert by expert holds one expert at a time, and
 a two-pass method simply loads twice. No method does I/O or chooses a device itself.
 
+Whole-model state: a method with ``start_run`` gets one object per merge (``start_run(n_experts,
+device)``), handed to every chunk as ``inputs.run``. If ``run.needs_calibration(model_params)`` says
+so (``model_params``: the per-expert params of the first merged tensor), the engine first runs a
+calibration pass: ``run.observe(inputs)`` for every chunk of every merged tensor, then
+``run.calibrate()``. After the merge, ``run.report()`` gives lines for the user (e.g. OTA's achieved
+FFG density). ``model_keys`` names the keys a ``models:`` entry may carry beside ``model:`` and
+``parameters:`` for this method (e.g. OTA's ``sidecar:``); the engine turns them into ``aux`` loaders
+(``SECOND_MOMENT``: the expert's Adam second moment for the chunk).
+
 ``base_model``: "required" methods work on task vectors (expert - base) and, like mergekit, skip a
 ``models:`` entry that is the base; "unused" methods (linear) treat every ``models:`` entry, the base
 included, as an expert and are never given a base tensor.
@@ -27,9 +36,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
+
+# ``ExpertInput.aux`` keys the engine provides
+SECOND_MOMENT = "second_moment"  # expert's Adam exp_avg_sq for the chunk (fp32, chunk-shaped), from its sidecar
+SECOND_MOMENT_BIAS_CORRECTION = "second_moment_bias_correction"  # 0-d 1/(1 − β₂^step), or None if unknown
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,19 @@ class ChunkInputs:
     seed: int  # deterministic per (global seed, tensor name); see ``tensor_seed``
     state: Any = None  # what ``prepare`` returned for this tensor
     device: torch.device = torch.device("cpu")
+    run: Any = None  # the merge's whole-model state (``MergeMethod.start_run``), or None
+
+
+class MergeRun(Protocol):
+    """Whole-model state of one merge (see the module docstring)."""
+
+    def needs_calibration(self, model_params: list[Any]) -> bool: ...
+
+    def observe(self, inputs: ChunkInputs) -> None: ...
+
+    def calibrate(self) -> Any: ...
+
+    def report(self) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -66,6 +92,8 @@ class MergeMethod:
     base_model: Literal["required", "optional", "unused"]
     elementwise: bool = True
     prepare: Callable[[Callable[[], Iterator[ChunkInputs]]], Any] | None = None
+    start_run: Callable[[int, torch.device], MergeRun] | None = None
+    model_keys: frozenset[str] = frozenset()  # extra keys of a ``models:`` entry, e.g. {"sidecar"}
 
 
 @dataclass(frozen=True)

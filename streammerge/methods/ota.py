@@ -32,7 +32,7 @@ left out of the density counts; with ``error`` it is a ``ConfigError``.
 Engine contract: ``ExpertInput.aux[SECOND_MOMENT]`` loads expert i's v for the chunk (fp32, shaped
 like the chunk) and is absent (or returns None) when that expert has none for this tensor;
 ``aux[BIAS_CORRECTION]`` (needed only with ``bias_correction``) returns 1 / (1 − β₂^step) as a 0-d
-tensor, or None when the step or β₂ is unknown (see ``bias_correction_factor``). ``inputs.state`` is
+tensor, or None when the step or β₂ is unknown (see ``bias_correction_factor``). ``inputs.run`` is
 the merge's one ``OtaRun`` (calibrated first when any expert has a ``density``), or None when no
 expert uses ``density``.
 """
@@ -48,12 +48,11 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError, StreamMergeError
-from .base import ChunkInputs, MergeMethod
+from .base import SECOND_MOMENT, ChunkInputs, MergeMethod
+from .base import SECOND_MOMENT_BIAS_CORRECTION as BIAS_CORRECTION
 
 log = logging.getLogger(__name__)
 
-SECOND_MOMENT = "second_moment"
-BIAS_CORRECTION = "second_moment_bias_correction"
 
 HIST_SHIFT = 13  # bins = the upper 18 bits of a non-negative fp32: 8 exponent + 10 mantissa bits
 HIST_BINS = 1 << (31 - HIST_SHIFT)
@@ -176,7 +175,7 @@ class OtaRun:
     """An OTA merge's whole-model state: FFG calibration (pass 1), then what the merge pass kept.
 
     Pass 1, only when some expert has ``density``: ``observe(inputs)`` for every chunk of every merged
-    tensor, then ``calibrate()``. Pass 2: ``merge`` with ``inputs.state = run``. Then ``report()``.
+    tensor, then ``calibrate()``. Pass 2: ``merge`` with ``inputs.run = run``. Then ``report()``.
     """
 
     def __init__(self, n_experts: int, device: torch.device = torch.device("cpu")):
@@ -200,6 +199,10 @@ class OtaRun:
                 f"({known} elsewhere, {density} for {inputs.tensor}); use threshold for per-tensor values"
             )
         return density
+
+    def needs_calibration(self, model_params: list[OtaModelParams]) -> bool:
+        """A calibration pass is needed when some expert asks for a whole-model ``density``."""
+        return any(mp.density is not None for mp in model_params)
 
     def observe(self, inputs: ChunkInputs) -> None:
         """Calibration pass: add this chunk's saliency of every expert that has a ``density``."""
@@ -366,7 +369,7 @@ def _linear_merge(inputs: ChunkInputs) -> torch.Tensor:
 
 def merge(inputs: ChunkInputs) -> torch.Tensor:
     """OTA (+ FFG) for one chunk; see the module docstring. fp32 in, fp32 out, the chunk's shape."""
-    run = inputs.state if isinstance(inputs.state, OtaRun) else None
+    run = inputs.run if isinstance(inputs.run, OtaRun) else None
     if not inputs.experts:
         if inputs.base is None:
             raise ConfigError(f"ota: no models to merge for {inputs.tensor}")
@@ -388,4 +391,5 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
     return _linear_merge(inputs)
 
 
-METHOD = MergeMethod("ota", merge, OtaParams, OtaModelParams, base_model="optional")
+METHOD = MergeMethod("ota", merge, OtaParams, OtaModelParams, base_model="optional", start_run=OtaRun,
+                     model_keys=frozenset({"sidecar"}))
