@@ -21,6 +21,7 @@ merges and folds are meaningful:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def _randomise(model: torch.nn.Module, seed: int, std: float, names: tuple[str, 
 def _save(model, folder: Path) -> None:
     model.save_pretrained(folder, save_embedding_layers=False)  # no copy of the (unchanged) base embedding
     (folder / "README.md").unlink(missing_ok=True)
+    # PEFT writes target_modules from a set (order varies per run): sort it so reruns give the same bytes
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def oft_adapters(out: Path) -> None:
