@@ -341,21 +341,57 @@ def open_adapter(path: str | Path, base: Checkpoint | None = None) -> OftAdapter
 # --- writer --------------------------------------------------------------------------------------
 
 
-def merged_adapter_config(configs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The config of a merged OFT adapter: the first input's, with ``target_modules`` the union of the
-    inputs' (lists) and ``inference_mode`` on. Everything that shapes the rotations (block size, map,
-    coft, block_share, peft_version) must agree; ValueError names the first difference."""
-    first = dict(configs[0])
-    for key in ("peft_type", "r", "oft_block_size", "use_cayley_neumann", "num_cayley_neumann_terms", "coft",
-                "eps", "block_share", "peft_version"):
-        values = {json.dumps(c.get(key)) for c in configs}
-        if len(values) > 1 and not (key == "eps" and not first.get("coft")):
-            raise ValueError(f"the adapters differ in {key} ({', '.join(sorted(values))}); they cannot share one config")
-    targets = [c.get("target_modules") for c in configs]
+def _rotation_fields(a: OftAdapter) -> dict[str, Any]:
+    """What decides a generator's meaning; the Neumann convention only matters with Neumann."""
+    m = a.rotation
+    return {"cayley": "exact" if m.neumann_terms is None else f"neumann, {m.neumann_terms} terms, {m.neumann_convention}",
+            "coft eps": m.coft_eps, "block_share": m.block_share}
+
+
+def common_rotation_map(adapters: list[OftAdapter]) -> OftRotationMap:
+    """The rotation map all ``adapters`` share. Generators of different maps are not comparable (the
+    Neumann series approximates the transpose of the exact map), so a difference is an error."""
+    first = _rotation_fields(adapters[0])
+    for a in adapters[1:]:
+        for key, value in _rotation_fields(a).items():
+            if value != first[key]:
+                raise CheckpointError(
+                    f"{a.folder}: OFT {key} is {value!r} but {adapters[0].folder} has {first[key]!r}; "
+                    "adapters merged together must use the same rotation map"
+                )
+    return adapters[0].rotation
+
+
+def oft_sources(adapters: list[OftAdapter], name: str) -> list[tuple[OftAdapter, OftModule]]:
+    """The adapters that rotate base weight ``name``, with their module records; their block layouts
+    must agree (CheckpointError otherwise)."""
+    found = [(a, a.modules[name]) for a in adapters if name in a.modules]
+    for a, m in found[1:]:
+        ref_a, ref = found[0]
+        if (m.block_size, m.blocks, m.embedding) != (ref.block_size, ref.blocks, ref.embedding):
+            raise CheckpointError(
+                f"{a.file}: {m.key!r} has {m.blocks} block(s) of size {m.block_size} but {ref_a.file} has "
+                f"{ref.blocks} of size {ref.block_size}; they cannot be merged"
+            )
+    return found
+
+
+def merged_adapter_config(adapters: list[OftAdapter]) -> dict[str, Any]:
+    """adapter_config.json of a merged OFT adapter: the first input's config, with ``target_modules`` the
+    union of the inputs' (lists) and ``inference_mode`` on. The rotation map must be common
+    (``common_rotation_map``) and so must r / oft_block_size."""
+    common_rotation_map(adapters)
+    first = dict(adapters[0].config)
+    for a in adapters[1:]:
+        if (a.r, a.config_block_size) != (adapters[0].r, adapters[0].config_block_size):
+            raise CheckpointError(f"{a.folder}: r / oft_block_size ({a.r}, {a.config_block_size}) differ from "
+                                  f"{adapters[0].folder}'s ({adapters[0].r}, {adapters[0].config_block_size})")
+    targets = [a.config.get("target_modules") for a in adapters]
     if all(isinstance(t, list) for t in targets):
         first["target_modules"] = sorted({m for t in targets for m in t})
-    elif len({json.dumps(t) for t in targets}) > 1:
-        raise ValueError("the adapters' target_modules differ and are not all lists; cannot take their union")
+    elif len({json.dumps(t, sort_keys=True) for t in targets}) > 1:
+        raise CheckpointError(f"{adapters[0].folder}: the adapters' target_modules differ and are not all lists; "
+                              "cannot write one config for their merge")
     first["inference_mode"] = True
     return first
 
