@@ -56,3 +56,13 @@ def fixture_copy(tmp_path):
 
 def snapshot(*folders: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for f in folders for p in sorted(Path(f).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster, and on a loaded machine (shared cores) far faster
+    than several spinning OpenMP threads. Restores the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,6 +22,7 @@ from streammerge.methods.orthogonal import (
 )
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_skew(*shape: int, scale: float = 0.3, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
