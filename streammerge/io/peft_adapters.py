@@ -44,6 +44,7 @@ from .peft_keys import (
     LORA_REFUSED_INITS,
     LORA_REFUSED_OPTIONS,
     AdapterKey,
+    legacy_oft_format,
     lora_scaling,
     neumann_convention,
     oft_block_size,
@@ -94,6 +95,10 @@ class PeftAdapter:
         self.file = weights.files[0]
         self.replacements: dict[str, str] = {}  # base tensor name -> adapter key
         self._keys: list[AdapterKey] = []
+        legacy = legacy_oft_format(weights.names())
+        if legacy is not None:
+            raise CheckpointError(f"{self.file}: is an adapter in {legacy}, which is not supported; "
+                                  "only PEFT >= 0.16 OFT adapters (oft_R.weight vectors) are read")
         for key in weights.names():
             parsed = parse_key(key)
             if isinstance(parsed, str):

@@ -80,6 +80,18 @@ def parse_key(key: str) -> AdapterKey | str:
     return AdapterKey(key, target.rsplit(".", 1)[0], "replacement", target)
 
 
+def legacy_oft_format(keys: list[str]) -> str | None:
+    """Name the pre-0.16 OFT format of an adapter from its keys, or None. PEFT <= 0.13 stored full
+    blocks ``oft_r`` (r, b, b) rotating the output side; 0.14–0.15 stored ``oft_r`` over the input side
+    plus an ``oft_s`` (out, 1) output scale."""
+    parts = {p for k in keys for p in k.split(".")}
+    if "oft_r" not in parts:
+        return None
+    if "oft_s" in parts:
+        return "the PEFT 0.14-0.15 OFT format (full oft_r blocks on the input side and an oft_s output scale)"
+    return "the PEFT <= 0.13 OFT format (full oft_r blocks rotating the output side)"
+
+
 def parse_version(text: str | None) -> tuple[int, ...] | None:
     """'0.18.0.dev0@abc123' -> (0, 18, 0); None when missing or unparsable."""
     if not isinstance(text, str):
