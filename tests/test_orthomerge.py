@@ -339,6 +339,15 @@ def test_experts_are_loaded_lazily_once_for_g_twice_for_c():
         assert calls == [expected_calls] * 3
 
 
+def test_given_tensors_are_not_modified():
+    base = load_folder(BASE)["model.layers.1.mlp.gate_proj.weight"]
+    experts = [base + 0.01 * torch.randn(base.shape, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    before = [e.clone() for e in experts], base.clone()
+    for residual in ("task_arithmetic", "ties", "tsvm"):
+        decouple_merge(base, experts, OrthoMergeParams(variant="C", residual_method=residual))
+    assert all(torch.equal(a, b) for a, b in zip(experts, before[0])) and torch.equal(base, before[1])
+
+
 def test_variant_c_targets_only_conflicting_rows():
     g = torch.Generator().manual_seed(12)
     w0 = torch.randn(6, 8, generator=g, dtype=torch.float64)

@@ -168,7 +168,10 @@ def inverse_cayley(r: torch.Tensor, min_sigma: float = 1e-2) -> tuple[torch.Tens
     eye = _eye_like(r)
     q = skew_part(torch.linalg.solve(eye + r, eye - r))
     finite = torch.isfinite(q).flatten(-2).all(-1)
-    norm = torch.where(finite, spectral_norm(torch.where(finite[..., None, None], q, 0)), math.inf)
+    if bool(finite.all()):
+        norm = spectral_norm(q)
+    else:  # an exactly singular R + I: no finite generator at all
+        norm = torch.where(finite, spectral_norm(torch.where(finite[..., None, None], q, 0)), math.inf)
     sigma = 2.0 / torch.sqrt(1.0 + norm.square())
     bad = sigma < min_sigma
     if bool(bad.any()):

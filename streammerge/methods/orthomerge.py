@@ -233,7 +233,7 @@ def fold_oft(weight: torch.Tensor, blocks: torch.Tensor, embedding: bool = False
 
 # --- Orthogonal-Residual Decoupling --------------------------------------------------------------
 
-Expert = torch.Tensor | Callable[[], torch.Tensor]  # a weight, or a loader returning it (fresh each call)
+Expert = torch.Tensor | Callable[[], torch.Tensor]  # a weight, or a loader returning it in fresh memory
 
 
 @dataclass
@@ -248,13 +248,42 @@ class DecoupleReport:
 
 
 def _load(expert: Expert, dtype: torch.dtype) -> torch.Tensor:
-    w = expert() if callable(expert) else expert
-    return w.to(dtype, copy=True)
+    """A tensor this call may modify: a loader's result as is (fresh memory by contract), a given tensor
+    copied."""
+    if callable(expert):
+        return expert().to(dtype)
+    return expert.to(dtype, copy=True)
 
 
 def _conflict_rows(delta: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor:
     """(d_out, 1) mask of rows whose dot product (hence cosine) with the mean delta's row is < 0."""
     return ((delta * mean_delta).sum(dim=1, keepdim=True) < 0).to(delta.dtype)
+
+
+def _expert_rotation(
+    base: torch.Tensor, w: torch.Tensor, mean_delta: torch.Tensor | None, params: OrthoMergeParams,
+    name: str, i: int, report: DecoupleReport | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Rᵢ, Qᵢ) for expert weight ``w``: Procrustes to its target, then the guarded inverse Cayley map."""
+    if mean_delta is None:  # variant G
+        r = procrustes_rotation(base, w, params.procrustes_eps)
+    else:  # variant C
+        delta = w - base
+        target = base + delta * _conflict_rows(delta, mean_delta)
+        del delta
+        r = procrustes_rotation(base, target, params.procrustes_eps)
+        del target
+    q, sigma = inverse_cayley(r, params.cayley_min_sigma)
+    sigma = float(sigma)
+    if sigma < params.cayley_min_sigma:  # q was clamped: use the rotation it really encodes
+        r = cayley(q)
+        log.warning("%s: expert %d's rotation has an angle near π (σ_min(R+I) = %.2e); generator clamped",
+                    name or "tensor", i, sigma)
+        if report is not None:
+            report.clamped.append((name, i, sigma))
+    if report is not None:
+        report.min_sigma = min(report.min_sigma, sigma)
+    return r, q
 
 
 def decouple_merge(
@@ -271,20 +300,16 @@ def decouple_merge(
     of the same shape, or loaders (each called once for variant G, twice for C). ``orthogonal``: whether
     this tensor takes the rotation part (``takes_orthogonal_part``); 1-D tensors never do. ``name`` only
     labels the report.
+
+    Per expert: one matmul W₀ᵀTᵢ, one SVD (d_in × d_in), one matmul UVᵀ, one LU for det Rᵢ, one solve for
+    Qᵢ. With ``task_arithmetic`` the residuals are never formed: Σρᵢ = ΣWᵢ − W₀·ΣRᵢ, so
+    W = W₀·(R̄ − λ·ΣRᵢ) + λ·ΣWᵢ costs one matmul in all (TIES and TSV-M need each ρᵢ: one more each).
     """
     n = len(experts)
     if n == 0:
         return w0.to(torch.float32, copy=True)
-    residuals = residual_merge(params.residual_method, n, params.density)
     if not orthogonal or w0.ndim != 2:
-        base = w0.to(torch.float32)
-        for e in experts:
-            tau = _load(e, torch.float32)
-            tau -= base
-            residuals.add(tau)
-        if report is not None:
-            report.residual_only += 1
-        return base + params.lambda_ * residuals.result()
+        return _residual_only(w0, experts, params, report)
     dtype = work_dtype(w0.shape[1])
     base = w0.to(dtype)
     mean_delta = None
@@ -294,44 +319,52 @@ def decouple_merge(
             mean_delta += _load(e, dtype)
         mean_delta /= n
         mean_delta -= base
+    arithmetic = params.residual_method == "task_arithmetic"
+    residuals = None if arithmetic else residual_merge(params.residual_method, n, params.density)
+    sum_w = sum_r = None  # ΣWᵢ (d_out, d_in), ΣRᵢ (d_in, d_in): task arithmetic only
     generators = GeneratorMerge(params.norm_aggregate, params.direction_weighting)
     for i, e in enumerate(experts):
-        w = _load(e, dtype)  # (d_out, d_in); becomes ρᵢ in place
-        if mean_delta is None:
-            r = procrustes_rotation(base, w, params.procrustes_eps)
-        else:
-            delta = w - base
-            target = base + delta * _conflict_rows(delta, mean_delta)
-            del delta
-            r = procrustes_rotation(base, target, params.procrustes_eps)
-            del target
-        q, sigma = inverse_cayley(r, params.cayley_min_sigma)
-        sigma = float(sigma)
-        if sigma < params.cayley_min_sigma:  # q was clamped: use the rotation it really encodes
-            r = cayley(q)
-            log.warning("%s: expert %d's rotation has an angle near π (σ_min(R+I) = %.2e); generator clamped",
-                        name or "tensor", i, sigma)
-            if report is not None:
-                report.clamped.append((name, i, sigma))
-        if report is not None:
-            report.min_sigma = min(report.min_sigma, sigma)
+        w = _load(e, dtype)  # (d_out, d_in)
+        r, q = _expert_rotation(base, w, mean_delta, params, name, i, report)
         generators.add(q)
         del q
-        w -= base @ r  # ρᵢ = Wᵢ − W₀Rᵢ
-        del r
-        residuals.add(w)
-        del w
+        if arithmetic:
+            sum_w = w if sum_w is None else sum_w.add_(w)
+            sum_r = r if sum_r is None else sum_r.add_(r)
+        else:
+            w -= base @ r  # ρᵢ = Wᵢ − W₀Rᵢ
+            residuals.add(w)
+        del w, r
     q_bar, cancelled = generators.result()
     if cancelled:
         log.info("%s: the experts' generators cancel; merged rotation set to identity", name or "tensor")
         if report is not None:
             report.cancelled.append(name)
-    merged = base @ cayley(q_bar)
+    r_bar = cayley(q_bar)  # (d_in, d_in)
     del q_bar
-    merged.add_(residuals.result(), alpha=params.lambda_)
+    if arithmetic:
+        r_bar.sub_(sum_r, alpha=params.lambda_)
+        del sum_r
+        merged = (base @ r_bar).add_(sum_w, alpha=params.lambda_)
+    else:
+        merged = (base @ r_bar).add_(residuals.result(), alpha=params.lambda_)
     if report is not None:
         report.matrices += 1
     return merged.to(torch.float32)
+
+
+def _residual_only(w0: torch.Tensor, experts: Sequence[Expert], params: OrthoMergeParams,
+                   report: DecoupleReport | None) -> torch.Tensor:
+    """W₀ + λ·merge(τ₁ … τ_N), τᵢ = Wᵢ − W₀, fp32."""
+    residuals = residual_merge(params.residual_method, len(experts), params.density)
+    base = w0.to(torch.float32)
+    for e in experts:
+        tau = _load(e, torch.float32)
+        tau -= base
+        residuals.add(tau)
+    if report is not None:
+        report.residual_only += 1
+    return base + params.lambda_ * residuals.result()
 
 
 def merge(inputs: ChunkInputs) -> torch.Tensor:
