@@ -15,6 +15,7 @@ from streammerge.methods.orthogonal import (
     cayley_neumann,
     inverse_cayley,
     max_tan_half_angle,
+    procrustes_generator,
     procrustes_rotation,
     skew_from_vector,
     spectral_norm,
@@ -201,6 +202,23 @@ def test_procrustes_batched_equals_one_by_one():
     for i in range(3):
         assert torch.allclose(batched[i], procrustes_rotation(w0[i], t[i]), atol=1e-12)
     assert torch.allclose(torch.linalg.det(batched), torch.ones(3, dtype=torch.float64))
+
+
+def test_fused_generator_equals_rotation_then_inverse_cayley():
+    g = torch.Generator().manual_seed(14)
+    w0 = torch.randn(3, 20, 12, generator=g, dtype=torch.float64)
+    t = w0 + 0.05 * torch.randn(3, 20, 12, generator=g, dtype=torch.float64)
+    t[2] = w0[2] @ torch.diag(torch.tensor([-1.0] + [1.0] * 11, dtype=torch.float64))  # reflected target
+    r, q, sigma = procrustes_generator(w0, t)
+    assert torch.allclose(r, procrustes_rotation(w0, t), atol=1e-12)
+    q2, sigma2 = inverse_cayley(r)
+    assert torch.allclose(q, q2, atol=1e-10) and torch.allclose(sigma, sigma2)
+    assert torch.allclose(torch.linalg.det(r), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(cayley(q), r, atol=1e-10)  # the Kabsch-fixed rotation has a finite generator
+    # an angle near π stays flagged and is clamped, as in inverse_cayley
+    near_pi = w0[0] @ plane_rotation(12, math.pi - 1e-7, 3, 7)
+    r, q, sigma = procrustes_generator(w0[0], near_pi)
+    assert float(sigma) < 1e-2 and torch.allclose(q, inverse_cayley(r)[0], atol=1e-8)
 
 
 def test_large_matrices_are_decomposed_in_fp32():

@@ -374,6 +374,22 @@ def test_wide_matrices_and_report():
     assert torch.allclose(out.double(), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("residual", ["task_arithmetic", "tsvm"])
+def test_reflected_and_half_turn_experts_are_decoupled_exactly(residual):
+    g = torch.Generator().manual_seed(15)
+    w0 = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    reflected = w0 @ torch.diag(torch.tensor([-1.0] + [1.0] * 15, dtype=torch.float64))
+    half_turn = torch.eye(16, dtype=torch.float64)
+    half_turn[[2, 9], [2, 9]] = math.cos(math.pi - 1e-7)
+    half_turn[2, 9], half_turn[9, 2] = -math.sin(math.pi - 1e-7), math.sin(math.pi - 1e-7)
+    params = OrthoMergeParams(residual_method=residual)
+    for expert, clamped in ((reflected, False), (w0 @ half_turn, True)):
+        report = DecoupleReport()
+        out = decouple_merge(w0, [expert], params, name="w", report=report)
+        assert bool(report.clamped) is clamped  # a half turn has no Cayley generator: clamped, reported
+        assert torch.allclose(out.double(), expert, atol=1e-5)  # R̄ and ρ use the same (clamped) rotation
+
+
 def test_residual_only_tensors_are_task_vector_merges():
     base = load_folder(BASE)
     experts = [load_folder(FIXTURES / "tiny-llama-fp32-a"), load_folder(FIXTURES / "tiny-llama-fp32-b")]

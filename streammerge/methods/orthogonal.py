@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 SMALL = 512  # matrices up to this size are decomposed in fp64
+EXACT_NORM = 64  # ‖Q‖₂ exactly (an SVD) up to this size, by power iteration above
 
 # PEFT's Cayley–Neumann series, k = num_cayley_neumann_terms (exactly as PEFT's ``_cayley_batch``):
 #   "peft-0.18" (PEFT >= 0.18): I + 2Q + 2Q² + 2Q³ + … + 2Q^(k−2) + Q^(k−1) for k >= 4; k = 3 gives
@@ -111,9 +112,9 @@ def cayley_neumann(q: torch.Tensor, terms: int, convention: NeumannConvention = 
 
 
 def spectral_norm(q: torch.Tensor, iterations: int = 30) -> torch.Tensor:
-    """‖Q‖₂ per matrix, (..., b, b) -> (...). Exact (SVD values) up to ``SMALL``, else power iteration on
-    QᵀQ from a fixed start (O(b²) per step; a lower bound that converges from below)."""
-    if q.shape[-1] <= SMALL:
+    """‖Q‖₂ per matrix, (..., m, b) -> (...). Exact (SVD values) up to ``EXACT_NORM``, else power iteration
+    on QᵀQ from a fixed start (O(b²) per step; a lower bound that converges from below)."""
+    if q.shape[-1] <= EXACT_NORM:
         return torch.linalg.matrix_norm(q, ord=2)
     x = torch.ones(*q.shape[:-1], 1, dtype=q.dtype, device=q.device)
     x[..., ::2, :] = -0.5  # not an eigenvector of anything structured
@@ -156,6 +157,30 @@ def clamped_generator(r: torch.Tensor, max_tan: float) -> torch.Tensor:
     return q.to(r.dtype)
 
 
+def _generator(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unguarded (Q, σ_min(R + I)): one LU solve X = (I + R)⁻¹(I − R), Q = ½(X − Xᵀ).
+
+    σ comes from ‖X‖₂ *before* skew-symmetrising: for a rotation X is skew already, but for a reflection
+    (eigenvalue −1 along v) X blows up as a symmetric (2/δ)·vvᵀ that ½(X − Xᵀ) would silently remove.
+    """
+    eye = _eye_like(r)
+    x = torch.linalg.solve(eye + r, eye - r)
+    finite = torch.isfinite(x).flatten(-2).all(-1)
+    if bool(finite.all()):
+        norm = spectral_norm(x)
+    else:  # an exactly singular R + I: no finite generator at all
+        x = torch.where(finite[..., None, None], x, 0)
+        norm = torch.where(finite, spectral_norm(x), math.inf)
+    return skew_part(x), 2.0 / torch.sqrt(1.0 + norm.square())
+
+
+def _clamp_where(q: torch.Tensor, sigma: torch.Tensor, r: torch.Tensor, min_sigma: float) -> torch.Tensor:
+    bad = sigma < min_sigma
+    if bool(bad.any()):
+        q = torch.where(bad[..., None, None], clamped_generator(r, max_tan_half_angle(min_sigma)), q)
+    return q
+
+
 def inverse_cayley(r: torch.Tensor, min_sigma: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
     """Generator Q = (I + R)⁻¹(I − R) of orthogonal R (skew-symmetrised), guarded near eigenvalue −1.
 
@@ -165,18 +190,25 @@ def inverse_cayley(r: torch.Tensor, min_sigma: float = 1e-2) -> tuple[torch.Tens
     that ``min_sigma`` sets, so cayley(Q) is then a rotation close to R, not R itself. Callers that need
     the exact pair recompute R = cayley(Q) where sigma < min_sigma.
     """
-    eye = _eye_like(r)
-    q = skew_part(torch.linalg.solve(eye + r, eye - r))
-    finite = torch.isfinite(q).flatten(-2).all(-1)
-    if bool(finite.all()):
-        norm = spectral_norm(q)
-    else:  # an exactly singular R + I: no finite generator at all
-        norm = torch.where(finite, spectral_norm(torch.where(finite[..., None, None], q, 0)), math.inf)
-    sigma = 2.0 / torch.sqrt(1.0 + norm.square())
-    bad = sigma < min_sigma
-    if bool(bad.any()):
-        q = torch.where(bad[..., None, None], clamped_generator(r, max_tan_half_angle(min_sigma)), q)
-    return q, sigma
+    q, sigma = _generator(r)
+    return _clamp_where(q, sigma, r, min_sigma), sigma
+
+
+def _polar_svd(w0: torch.Tensor, target: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """U, Vᵀ of M = W₀ᵀT + ε·I, ε = eps·‖M‖_F/sqrt(d_in), in ``work_dtype(d_in)``."""
+    dtype = work_dtype(w0.shape[-1])
+    m = w0.to(dtype).transpose(-2, -1) @ target.to(dtype)  # (..., d_in, d_in)
+    scale = torch.linalg.matrix_norm(m) * (eps / math.sqrt(m.shape[-1]))  # (...)
+    m.diagonal(dim1=-2, dim2=-1).add_(scale.unsqueeze(-1))
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    return u, vh
+
+
+def _kabsch(r: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, reflected: torch.Tensor) -> torch.Tensor:
+    """R − 2·u_min·v_minᵀ = U·diag(1, …, 1, −1)·Vᵀ where ``reflected`` (singular values descend, so the
+    last column is the smallest's): the best rotation when the best orthogonal matrix is a reflection."""
+    flip = (u[..., :, -1:] @ vh[..., -1:, :]) * (2.0 * reflected.to(r.dtype))[..., None, None]
+    return r - flip
 
 
 def procrustes_rotation(w0: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -189,17 +221,32 @@ def procrustes_rotation(w0: torch.Tensor, target: torch.Tensor, eps: float = 1e-
     the column of U for the smallest singular value is negated (Kabsch), so det R = +1 and R stays the
     best rotation.
     """
-    dtype = work_dtype(w0.shape[-1])
-    m = w0.to(dtype).transpose(-2, -1) @ target.to(dtype)  # (..., d_in, d_in)
-    d = m.shape[-1]
-    scale = torch.linalg.matrix_norm(m) * (eps / math.sqrt(d))  # (...)
-    m.diagonal(dim1=-2, dim2=-1).add_(scale.unsqueeze(-1))
-    u, _, vh = torch.linalg.svd(m, full_matrices=False)
-    del m
+    u, vh = _polar_svd(w0, target, eps)
     r = u @ vh
     reflected = torch.linalg.slogdet(r).sign < 0  # (...)
-    if bool(reflected.any()):
-        # Kabsch: R − 2·u_min·v_minᵀ equals U·diag(1, …, 1, −1)·Vᵀ (singular values are descending)
-        flip = (u[..., :, -1:] @ vh[..., -1:, :]) * (2.0 * reflected.to(dtype))[..., None, None]
-        r -= flip
-    return r
+    return _kabsch(r, u, vh, reflected) if bool(reflected.any()) else r
+
+
+def procrustes_generator(
+    w0: torch.Tensor, target: torch.Tensor, eps: float = 1e-3, min_sigma: float = 1e-2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``procrustes_rotation`` then ``inverse_cayley``, fused to save a decomposition: (R, Q, sigma).
+
+    The determinant (an LU) is only computed where the generator solve flags σ_min(R + I) < min_sigma: a
+    reflection (det R = −1) always has an eigenvalue −1, so it is always flagged; there the Kabsch fix is
+    applied and Q recomputed. Angles near π that remain are clamped as in ``inverse_cayley`` (R itself is
+    returned unclamped; rebuild it as cayley(Q) where sigma < min_sigma).
+    """
+    u, vh = _polar_svd(w0, target, eps)
+    r = u @ vh
+    q, sigma = _generator(r)
+    bad = sigma < min_sigma
+    if bool(bad.any()):
+        reflected = bad & (torch.linalg.slogdet(r).sign < 0)
+        if bool(reflected.any()):
+            r = _kabsch(r, u, vh, reflected)
+            q2, sigma2 = _generator(r)
+            q = torch.where(reflected[..., None, None], q2, q)
+            sigma = torch.where(reflected, sigma2, sigma)
+        q = _clamp_where(q, sigma, r, min_sigma)
+    return r, q, sigma

@@ -58,8 +58,7 @@ from .orthogonal import (
     NeumannConvention,
     cayley,
     cayley_neumann,
-    inverse_cayley,
-    procrustes_rotation,
+    procrustes_generator,
     skew_from_vector,
     work_dtype,
 )
@@ -265,15 +264,13 @@ def _expert_rotation(
     name: str, i: int, report: DecoupleReport | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Rᵢ, Qᵢ) for expert weight ``w``: Procrustes to its target, then the guarded inverse Cayley map."""
-    if mean_delta is None:  # variant G
-        r = procrustes_rotation(base, w, params.procrustes_eps)
-    else:  # variant C
+    target = w
+    if mean_delta is not None:  # variant C: only the rows that conflict with the consensus move
         delta = w - base
         target = base + delta * _conflict_rows(delta, mean_delta)
         del delta
-        r = procrustes_rotation(base, target, params.procrustes_eps)
-        del target
-    q, sigma = inverse_cayley(r, params.cayley_min_sigma)
+    r, q, sigma = procrustes_generator(base, target, params.procrustes_eps, params.cayley_min_sigma)
+    del target
     sigma = float(sigma)
     if sigma < params.cayley_min_sigma:  # q was clamped: use the rotation it really encodes
         r = cayley(q)
@@ -301,8 +298,8 @@ def decouple_merge(
     this tensor takes the rotation part (``takes_orthogonal_part``); 1-D tensors never do. ``name`` only
     labels the report.
 
-    Per expert: one matmul W₀ᵀTᵢ, one SVD (d_in × d_in), one matmul UVᵀ, one LU for det Rᵢ, one solve for
-    Qᵢ. With ``task_arithmetic`` the residuals are never formed: Σρᵢ = ΣWᵢ − W₀·ΣRᵢ, so
+    Per expert: one matmul W₀ᵀTᵢ, one SVD (d_in × d_in), one matmul UVᵀ, one solve for Qᵢ (det Rᵢ only
+    where that solve flags an eigenvalue near −1, see ``procrustes_generator``). With ``task_arithmetic`` the residuals are never formed: Σρᵢ = ΣWᵢ − W₀·ΣRᵢ, so
     W = W₀·(R̄ − λ·ΣRᵢ) + λ·ΣWᵢ costs one matmul in all (TIES and TSV-M need each ρᵢ: one more each).
     """
     n = len(experts)
