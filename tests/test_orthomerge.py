@@ -10,16 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, load_folder
-from streammerge.io.peft_adapters import (
-    common_rotation_map,
-    merged_adapter_config,
-    oft_sources,
-    open_adapter,
-    write_adapter,
-)
+from streammerge.io.adapter_writer import merged_adapter_config, write_adapter
+from streammerge.io.peft_adapters import common_rotation_map, oft_sources, open_adapter
 from streammerge.io.reader import open_checkpoint
 from streammerge.methods.base import ChunkInputs, ExpertInput, NoParams
-from streammerge.methods.orthogonal import cayley, skew_from_vector, vector_from_skew
+from streammerge.methods.orthogonal import skew_from_vector, vector_from_skew
 from streammerge.methods.orthomerge import (
     METHOD,
     DecoupleReport,

@@ -14,14 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES, load_folder, save_folder
 from streammerge.errors import CheckpointError
-from streammerge.io.peft_adapters import (
-    AdapterWriter,
-    LoraAdapter,
-    OftAdapter,
-    merged_adapter_config,
-    open_adapter,
-    write_adapter,
-)
+from streammerge.io.adapter_writer import AdapterWriter, merged_adapter_config, write_adapter
+from streammerge.io.peft_adapters import LoraAdapter, OftAdapter, open_adapter
 from streammerge.io.peft_keys import (
     AdapterKey,
     adjust_oft_parameters,

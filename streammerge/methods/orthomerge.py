@@ -27,7 +27,8 @@ reference does.
 **Orthogonal-Residual Decoupling** (``decouple_merge``), for full fine-tunes and LoRA experts, per
 weight matrix W₀ (d_out, d_in):
 
-    Rᵢ = procrustes_rotation(W₀, Tᵢ)    variant G: Tᵢ = Wᵢ
+    Rᵢ = procrustes_rotation(W₀, Tᵢ)    regularised polar factor of W₀ᵀTᵢ + εI, reflections Kabsch-fixed;
+                                        variant G: Tᵢ = Wᵢ
                                         variant C: Tᵢ = W₀ + mᵢ⊙Δᵢ, Δᵢ = Wᵢ − W₀, mᵢ keeps the output rows
                                         whose cosine with the mean Δ̄'s row is < 0 (strictly; the rows
                                         where expert i *conflicts* with the consensus) — as the authors'
@@ -37,9 +38,12 @@ weight matrix W₀ (d_out, d_in):
                                         conventions give the same R̄
     ρᵢ = Wᵢ − W₀Rᵢ,   W = W₀·cayley(Q̄) + λ·merge(ρ₁ … ρ_N)    (``ord_residuals``)
 
+(Rᵢ and Qᵢ come from one fused call, ``procrustes_generator``; where a rotation has an angle near π,
+Qᵢ is clamped, reported, and Rᵢ = cayley(Qᵢ) is used in ρᵢ so that Wᵢ = W₀Rᵢ + ρᵢ stays exact.)
 Tensors that do not take the orthogonal part (``takes_orthogonal_part``) get W = W₀ + λ·merge(τ).
-Memory: Rᵢ is folded into a running Σwᵢuᵢ and into the residual merger as soon as it is known, so
-only one expert and one rotation are alive at a time; variant C reads the experts twice (Δ̄ first).
+Memory: each Qᵢ is folded into a running Σwᵢuᵢ and each Rᵢ into the residual merger (or ΣRᵢ) as soon as
+it is known, so one expert and one rotation are alive at a time, plus accumulators of one matrix each;
+variant C reads the experts twice (Δ̄ first).
 """
 
 from __future__ import annotations
