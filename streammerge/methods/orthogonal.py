@@ -16,7 +16,9 @@ with the other, so a rotation is always rebuilt with the map its adapter was tra
 
 Near an eigenvalue −1 of R (a rotation angle θ → π) the generator tan(θ/2) diverges and R + I is
 singular: σ_min(R + I) = 2·min|cos(θ/2)| = 2 / sqrt(1 + ‖Q‖₂²). ``inverse_cayley`` measures that and, below
-``min_sigma``, clamps each angle's tan(θ/2) so the generator stays finite (and reports it).
+``min_sigma``, clamps each angle's tan(θ/2) so the generator stays finite (and reports it). A reflection
+(det R = −1) always has an eigenvalue −1, so the same measurement catches it; ``procrustes_generator``
+relies on that to compute det R (an LU) only where it is flagged, and then applies the Kabsch fix.
 """
 
 from __future__ import annotations

@@ -250,12 +250,12 @@ class DecoupleReport:
     min_sigma: float = math.inf  # smallest σ_min(R + I) seen
 
 
-def _load(expert: Expert, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor this call may modify: a loader's result as is (fresh memory by contract), a given tensor
-    copied."""
+def _load(expert: Expert, like: torch.Tensor) -> torch.Tensor:
+    """A tensor this call may modify, with ``like``'s dtype and device: a loader's result as is (fresh
+    memory by contract), a given tensor copied."""
     if callable(expert):
-        return expert().to(dtype)
-    return expert.to(dtype, copy=True)
+        return expert().to(device=like.device, dtype=like.dtype)
+    return expert.to(device=like.device, dtype=like.dtype, copy=True)
 
 
 def _conflict_rows(delta: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor:
@@ -317,7 +317,7 @@ def decouple_merge(
     if params.variant == "C":  # first pass: the mean delta Δ̄
         mean_delta = torch.zeros_like(base)
         for e in experts:
-            mean_delta += _load(e, dtype)
+            mean_delta += _load(e, base)
         mean_delta /= n
         mean_delta -= base
     arithmetic = params.residual_method == "task_arithmetic"
@@ -325,7 +325,7 @@ def decouple_merge(
     sum_w = sum_r = None  # ΣWᵢ (d_out, d_in), ΣRᵢ (d_in, d_in): task arithmetic only
     generators = GeneratorMerge(params.norm_aggregate, params.direction_weighting)
     for i, e in enumerate(experts):
-        w = _load(e, dtype)  # (d_out, d_in)
+        w = _load(e, base)  # (d_out, d_in)
         r, q = _expert_rotation(base, w, mean_delta, params, name, i, report)
         generators.add(q)
         del q
@@ -360,7 +360,7 @@ def _residual_only(w0: torch.Tensor, experts: Sequence[Expert], params: OrthoMer
     residuals = residual_merge(params.residual_method, len(experts), params.density)
     base = w0.to(torch.float32)
     for e in experts:
-        tau = _load(e, torch.float32)
+        tau = _load(e, base)
         tau -= base
         residuals.add(tau)
     if report is not None:
