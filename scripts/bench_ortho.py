@@ -37,16 +37,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeats: int = 1) -> float:
-    """Best wall time of ``repeats`` runs (the least disturbed by other load)."""
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+def timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def bench_shape(d_out: int, d_in: int, n_experts: int, params: OrthoMergeParams, device: torch.device,
@@ -57,10 +53,16 @@ def bench_shape(d_out: int, d_in: int, n_experts: int, params: OrthoMergeParams,
     experts = [(lambda k=k: w0 + k.to(device)) for k in noise]  # loaders: fresh memory per call, like the engine's
     square = (torch.randn(d_in, d_in, generator=g) / d_in**0.5).to(device)
     rhs = torch.randn(d_in, d_in, generator=g).to(device)
-    svd = timed(lambda: torch.linalg.svd(square, full_matrices=False), device, repeats)
-    solve = timed(lambda: torch.linalg.solve(square + torch.eye(d_in, device=device), rhs), device, repeats)
-    decouple = timed(lambda: decouple_merge(w0, experts, params), device, repeats)
-    return {"svd": svd, "solve": solve, "decouple": decouple, "per_expert": decouple / n_experts}
+    steps = {
+        "svd": lambda: torch.linalg.svd(square, full_matrices=False),
+        "solve": lambda: torch.linalg.solve(square + torch.eye(d_in, device=device), rhs),
+        "decouple": lambda: decouple_merge(w0, experts, params),
+    }
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(repeats):  # interleaved, so a burst of load elsewhere hits both sides alike
+        for step, fn in steps.items():
+            best[step] = min(best[step], timed(fn, device))
+    return {**best, "per_expert": best["decouple"] / n_experts}
 
 
 def main() -> None:
@@ -72,7 +74,8 @@ def main() -> None:
     ap.add_argument("--variant", choices=["G", "C"], default="G")
     ap.add_argument("--residual", choices=["task_arithmetic", "ties", "tsvm"], default="task_arithmetic")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--repeats", type=int, default=1, help="time each step this many times, keep the best")
+    ap.add_argument("--repeats", type=int, default=1, help="time every step this many times (interleaved), keep "
+                    "the best: on a shared machine the least disturbed run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     device = torch.device(args.device)

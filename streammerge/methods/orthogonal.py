@@ -113,7 +113,7 @@ def cayley_neumann(q: torch.Tensor, terms: int, convention: NeumannConvention = 
     return r
 
 
-def spectral_norm(q: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+def spectral_norm(q: torch.Tensor, iterations: int = 16) -> torch.Tensor:
     """‖Q‖₂ per matrix, (..., m, b) -> (...). Exact (SVD values) up to ``EXACT_NORM``, else power iteration
     on QᵀQ from a fixed start (O(b²) per step; a lower bound that converges from below)."""
     if q.shape[-1] <= EXACT_NORM:
