@@ -62,3 +62,13 @@ def snapshot(*folders: Path) -> dict[str, bytes]:
         for p in sorted(Path(f).rglob("*"))
         if p.is_file() and ".streammerge" not in p.relative_to(f).parts
     }
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster, and on a loaded machine (shared cores) far faster
+    than several spinning OpenMP threads. Restores the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,386 @@
+"""OrthoMerge (arXiv 2602.05943): merge rotations in the Lie algebra; Orthogonal-Residual Decoupling.
+
+**Merge rule** (``GeneratorMerge``; one output tensor / adapter key, all its blocks together). With
+generators Qᵢ, θᵢ = ‖Qᵢ‖_F, uᵢ = Qᵢ/θᵢ:
+
+    Q̄ = agg(θ₁ … θ_N) · d/‖d‖,   d = Σ wᵢuᵢ
+    agg  (``norm_aggregate``):      mean | median | max   (median is torch's: the lower middle value)
+    wᵢ   (``direction_weighting``): theta: wᵢ = θᵢ, so d = Σ Qᵢ — the direction of the plain sum, each
+                                    expert counted by its rotation's size (the paper's rule
+                                    Q̄ = (c/N)·ΣQᵢ, c = Σθᵢ/‖ΣQᵢ‖, when agg = mean);
+                                    uniform: wᵢ = 1, so d = Σ Qᵢ/θᵢ — every expert's direction counts
+                                    the same, however small its rotation.
+
+This is the authors' ``merge_cayley_Q_list`` (theta_agg, direction_weight), which also clamps θᵢ at
+1e-8 when dividing. A linear combination of skew matrices is skew, so their final ½(Q̄ − Q̄ᵀ) changes
+nothing, and the rule gives the same result on PEFT's upper-triangle vectors as on the matrices (the
+norms differ by √2 for every expert alike). **Guard** (missing in the reference): where
+‖d‖ <= 1e-6·Σ‖wᵢuᵢ‖ (the experts' directions cancel, or all θᵢ = 0) the direction is noise, and Q̄ = 0,
+the identity rotation; ``result`` reports it. Q̄ goes back through the same Cayley map the inputs use.
+
+**OFT adapters**: ``oft_generator`` (PEFT's COFT projection applied first, as PEFT does before every
+use), the merge rule, ``oft_rotation_blocks`` (exact Cayley or Cayley–Neumann, as the adapter's config
+says) and ``fold_oft`` (W·Rᵀ for Linear, W·R for Embedding, as PEFT's ``merge``). Adapter tensors that
+are not rotations (biases, ``modules_to_save``) are averaged over the adapters that have them, as the
+reference does.
+
+**Orthogonal-Residual Decoupling** (``decouple_merge``), for full fine-tunes and LoRA experts, per
+weight matrix W₀ (d_out, d_in):
+
+    Rᵢ = procrustes_rotation(W₀, Tᵢ)    regularised polar factor of W₀ᵀTᵢ + εI, reflections Kabsch-fixed;
+                                        variant G: Tᵢ = Wᵢ
+                                        variant C: Tᵢ = W₀ + mᵢ⊙Δᵢ, Δᵢ = Wᵢ − W₀, mᵢ keeps the output rows
+                                        whose cosine with the mean Δ̄'s row is < 0 (strictly; the rows
+                                        where expert i *conflicts* with the consensus) — as the authors'
+                                        ``cos_sim < CONFLICT_THRESHOLD (0.0)``
+    Qᵢ = inverse_cayley(Rᵢ)            the reference's Aᵢ = (Rᵢ + I)⁻¹(Rᵢ − I) is −Qᵢ; the merge rule is odd
+                                        (Q̄(−Q) = −Q̄(Q)) and R̄ = (I − Ā)⁻¹(I + Ā) = cayley(Q̄), so both
+                                        conventions give the same R̄
+    ρᵢ = Wᵢ − W₀Rᵢ,   W = W₀·cayley(Q̄) + λ·merge(ρ₁ … ρ_N)    (``ord_residuals``)
+
+(Rᵢ and Qᵢ come from one fused call, ``procrustes_generator``; where a rotation has an angle near π,
+Qᵢ is clamped, reported, and Rᵢ = cayley(Qᵢ) is used in ρᵢ so that Wᵢ = W₀Rᵢ + ρᵢ stays exact.)
+Tensors that do not take the orthogonal part (``takes_orthogonal_part``) get W = W₀ + λ·merge(τ).
+Memory: each Qᵢ is folded into a running Σwᵢuᵢ and each Rᵢ into the residual merger (or ΣRᵢ) as soon as
+it is known, so one expert and one rotation are alive at a time, plus accumulators of one matrix each;
+variant C reads the experts twice (Δ̄ first).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .base import ChunkInputs, MergeMethod, NoParams
+from .ord_residuals import ResidualMethod, residual_merge
+from .orthogonal import (
+    NeumannConvention,
+    cayley,
+    cayley_neumann,
+    procrustes_generator,
+    skew_from_vector,
+    work_dtype,
+)
+
+log = logging.getLogger(__name__)
+
+NormAggregate = Literal["mean", "median", "max"]
+DirectionWeighting = Literal["theta", "uniform"]
+CANCEL_RTOL = 1e-6  # ‖Σwᵢuᵢ‖ below this fraction of Σ‖wᵢuᵢ‖: the directions cancel, Q̄ = 0
+THETA_FLOOR = 1e-8  # the reference's clamp on θᵢ when normalising
+
+EMBEDDING_MODULES = ("embed_tokens", "embed_in", "word_embeddings", "wte", "wpe", "embeddings")
+LM_HEAD_MODULES = ("lm_head", "embed_out")
+
+
+@dataclass(frozen=True)
+class OrthoMergeParams:
+    variant: Literal["G", "C"] = "G"  # ORD target: the expert (G) or its conflicting rows only (C)
+    residual_method: ResidualMethod = "task_arithmetic"  # how the residuals ρᵢ are merged
+    lambda_: float = 1.0  # scale of the merged residual (paper: 1/N for task_arithmetic, 1 for ties/tsvm)
+    density: float = 0.2  # ties: fraction of each residual's entries kept (paper: top 20 %)
+    norm_aggregate: NormAggregate = "mean"  # merged rotation size from the experts' ‖Qᵢ‖
+    direction_weighting: DirectionWeighting = "theta"  # theta: direction of ΣQᵢ; uniform: of ΣQᵢ/‖Qᵢ‖
+    procrustes_eps: float = 1e-3  # ε·I added to W₀ᵀTᵢ, relative to its RMS singular value
+    cayley_min_sigma: float = 1e-2  # σ_min(R + I) below this: angles near π, generator clamped (reported)
+    orthogonal_embeddings: bool = False  # give embedding matrices the orthogonal part too
+    orthogonal_lm_head: bool = False  # give lm_head the orthogonal part too
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("variant", self.variant, ("G", "C")),
+            ("residual_method", self.residual_method, ("task_arithmetic", "ties", "tsvm")),
+            ("norm_aggregate", self.norm_aggregate, ("mean", "median", "max")),
+            ("direction_weighting", self.direction_weighting, ("theta", "uniform")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if not 0 < self.density <= 1:
+            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+        if not math.isfinite(self.lambda_):
+            raise ValueError(f"lambda must be a finite number, got {self.lambda_!r}")
+        if not 0 <= self.procrustes_eps < 1:
+            raise ValueError(f"procrustes_eps must be in [0, 1), got {self.procrustes_eps!r}")
+        if not 0 < self.cayley_min_sigma < 2:
+            raise ValueError(f"cayley_min_sigma must be in (0, 2), got {self.cayley_min_sigma!r}")
+
+
+def _module_name(name: str) -> str:
+    """'model.layers.0.mlp.down_proj.weight' -> 'down_proj'."""
+    parts = name.split(".")
+    return parts[-2] if len(parts) >= 2 else parts[0]
+
+
+def takes_orthogonal_part(name: str, shape: tuple[int, ...], params: OrthoMergeParams) -> bool:
+    """Whether ORD gives tensor ``name`` a rotation (else only its task vectors are merged).
+
+    Default: 2-D ``*.weight`` tensors except norms (a module name containing 'norm' or 'ln_'),
+    embeddings (module ``embed_tokens``, ``embed_in``, ``word_embeddings``, ``wte``, ``wpe``,
+    ``embeddings``) and the output head (``lm_head``, ``embed_out``); those two by option.
+    """
+    if len(shape) != 2 or not name.endswith("weight"):
+        return False
+    module = _module_name(name)
+    if "norm" in module or module.startswith("ln_"):
+        return False
+    if module in EMBEDDING_MODULES:
+        return params.orthogonal_embeddings
+    if module in LM_HEAD_MODULES:
+        return params.orthogonal_lm_head
+    return True
+
+
+class GeneratorMerge:
+    """The merge rule over generators added one at a time (any shape, all elements form one vector)."""
+
+    def __init__(self, norm_aggregate: NormAggregate = "mean", direction_weighting: DirectionWeighting = "theta"):
+        self.norm_aggregate = norm_aggregate
+        self.direction_weighting = direction_weighting
+        self.norms: list[float] = []  # θᵢ
+        self._direction: torch.Tensor | None = None  # Σ wᵢuᵢ
+        self._bound = 0.0  # Σ ‖wᵢuᵢ‖
+
+    def add(self, q: torch.Tensor) -> None:
+        theta = float(torch.linalg.vector_norm(q))
+        self.norms.append(theta)
+        if self.direction_weighting == "theta":  # wᵢuᵢ = θᵢ·Qᵢ/max(θᵢ, floor)
+            factor = theta / max(theta, THETA_FLOOR)
+        else:
+            factor = 1.0 / max(theta, THETA_FLOOR)
+        self._bound += theta * factor
+        if self._direction is None:
+            self._direction = q * factor
+        else:
+            self._direction.add_(q, alpha=factor)
+
+    def result(self) -> tuple[torch.Tensor, bool]:
+        """(Q̄, degenerate); degenerate: the directions cancelled (or all θᵢ = 0) and Q̄ = 0."""
+        if self._direction is None:
+            raise ValueError("no generators to merge")
+        norm = float(torch.linalg.vector_norm(self._direction))
+        if norm <= CANCEL_RTOL * self._bound or norm == 0.0:
+            return torch.zeros_like(self._direction), True
+        thetas = torch.tensor(self.norms, dtype=torch.float64)
+        size = {"mean": thetas.mean, "median": thetas.median, "max": thetas.max}[self.norm_aggregate]()
+        return self._direction * (float(size) / norm), False
+
+
+def merge_generators(
+    generators: Sequence[torch.Tensor],
+    norm_aggregate: NormAggregate = "mean",
+    direction_weighting: DirectionWeighting = "theta",
+) -> tuple[torch.Tensor, bool]:
+    """The merge rule over a list: skew matrices (..., b, b) or PEFT vectors (r, b(b−1)/2) alike."""
+    merge = GeneratorMerge(norm_aggregate, direction_weighting)
+    for q in generators:
+        merge.add(q)
+    return merge.result()
+
+
+# --- OFT adapters -------------------------------------------------------------------------------
+
+
+def coft_project(vec: torch.Tensor, block_size: int, eps: float) -> torch.Tensor:
+    """PEFT's COFT constraint (``OFTRotationModule._project_batch``): each block's skew matrix is
+    scaled down to Frobenius norm eps/sqrt(n_stored_blocks) if it is larger. vec: (n, b(b−1)/2)."""
+    radius = eps / math.sqrt(vec.shape[0])
+    norms = math.sqrt(2.0) * torch.linalg.vector_norm(vec, dim=-1, keepdim=True)  # ‖U − Uᵀ‖_F = √2‖v‖
+    return torch.where(norms <= radius, vec, vec * (radius / norms))
+
+
+def oft_generator(vec: torch.Tensor, block_size: int, coft_eps: float | None = None) -> torch.Tensor:
+    """The generator an OFT adapter really uses: its stored ``oft_R`` vector (n, b(b−1)/2), COFT-projected
+    when the adapter has ``coft``; in ``work_dtype(b)``."""
+    v = vec.to(work_dtype(block_size))
+    return v if coft_eps is None else coft_project(v, block_size, coft_eps)
+
+
+def oft_rotation_blocks(
+    vec: torch.Tensor,
+    block_size: int,
+    neumann_terms: int | None = None,
+    neumann_convention: NeumannConvention = "peft-0.18",
+    coft_eps: float | None = None,
+) -> torch.Tensor:
+    """PEFT's rotation blocks from an ``oft_R`` vector: (n, b(b−1)/2) -> (n, b, b) in ``work_dtype(b)``.
+
+    neumann_terms None: exact Cayley (``use_cayley_neumann: false``); else the Neumann series with that
+    many terms in the given convention. coft_eps: the adapter's ``eps`` when ``coft`` is on.
+    """
+    q = skew_from_vector(oft_generator(vec, block_size, coft_eps), block_size)
+    return cayley(q) if neumann_terms is None else cayley_neumann(q, neumann_terms, neumann_convention)
+
+
+def fold_oft(weight: torch.Tensor, blocks: torch.Tensor, embedding: bool = False) -> torch.Tensor:
+    """A weight with an OFT rotation merged in, as PEFT's ``merge`` / ``merge_and_unload``.
+
+    weight: (d_out, d_in) Linear weight, or (num_embeddings, dim) Embedding weight.
+    blocks: (n, b, b) with n·b = d_in, or (1, b, b) for ``block_share`` (repeated d_in/b times).
+    Linear: W' = W·Rᵀ (the input x is rotated, x·R, before W); Embedding: W' = W·R (the output rows are
+    rotated). R = blockdiag(blocks). Computed in the blocks' dtype; returns fp32.
+    """
+    d_out, d_in = weight.shape
+    b = blocks.shape[-1]
+    if d_in % b or blocks.shape[0] not in (1, d_in // b):
+        raise ValueError(f"OFT blocks {tuple(blocks.shape)} do not tile a weight of shape {tuple(weight.shape)}")
+    blocks = blocks.expand(d_in // b, b, b)
+    w = weight.to(blocks.dtype).reshape(d_out, d_in // b, b)
+    pattern = "onk,nkc->onc" if embedding else "onk,nck->onc"
+    return torch.einsum(pattern, w, blocks).reshape(d_out, d_in).to(torch.float32)
+
+
+# --- Orthogonal-Residual Decoupling --------------------------------------------------------------
+
+Expert = torch.Tensor | Callable[[], torch.Tensor]  # a weight, or a loader returning it in fresh memory
+
+
+@dataclass
+class DecoupleReport:
+    """What ``decouple_merge`` noticed, accumulated over calls (the engine logs a summary)."""
+
+    matrices: int = 0  # tensors that took the orthogonal part
+    residual_only: int = 0  # tensors merged as task vectors only
+    clamped: list[tuple[str, int, float]] = field(default_factory=list)  # (tensor, expert, σ_min(R+I))
+    cancelled: list[str] = field(default_factory=list)  # tensors whose merged generator was set to 0
+    min_sigma: float = math.inf  # smallest σ_min(R + I) seen
+
+
+def _load(expert: Expert, like: torch.Tensor) -> torch.Tensor:
+    """A tensor this call may modify, with ``like``'s dtype and device: a loader's result as is (fresh
+    memory by contract), a given tensor copied."""
+    if callable(expert):
+        return expert().to(device=like.device, dtype=like.dtype)
+    return expert.to(device=like.device, dtype=like.dtype, copy=True)
+
+
+def _conflict_rows(delta: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor:
+    """(d_out, 1) mask of rows whose dot product (hence cosine) with the mean delta's row is < 0."""
+    return ((delta * mean_delta).sum(dim=1, keepdim=True) < 0).to(delta.dtype)
+
+
+def _expert_rotation(
+    base: torch.Tensor, w: torch.Tensor, mean_delta: torch.Tensor | None, params: OrthoMergeParams,
+    name: str, i: int, report: DecoupleReport | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Rᵢ, Qᵢ) for expert weight ``w``: Procrustes to its target, then the guarded inverse Cayley map."""
+    target = w
+    if mean_delta is not None:  # variant C: only the rows that conflict with the consensus move
+        delta = w - base
+        target = base + delta * _conflict_rows(delta, mean_delta)
+        del delta
+    r, q, sigma = procrustes_generator(base, target, params.procrustes_eps, params.cayley_min_sigma)
+    del target
+    sigma = float(sigma)
+    if sigma < params.cayley_min_sigma:  # q was clamped: use the rotation it really encodes
+        r = cayley(q)
+        log.warning("%s: expert %d's rotation has an angle near π (σ_min(R+I) = %.2e); generator clamped",
+                    name or "tensor", i, sigma)
+        if report is not None:
+            report.clamped.append((name, i, sigma))
+    if report is not None:
+        report.min_sigma = min(report.min_sigma, sigma)
+    return r, q
+
+
+def decouple_merge(
+    w0: torch.Tensor,
+    experts: Sequence[Expert],
+    params: OrthoMergeParams,
+    orthogonal: bool = True,
+    name: str = "",
+    report: DecoupleReport | None = None,
+) -> torch.Tensor:
+    """Orthogonal-Residual Decoupling of one tensor; returns the merged tensor, fp32, on w0's device.
+
+    w0: base tensor (d_out, d_in) (any shape when ``orthogonal`` is false); experts: the experts' tensors
+    of the same shape, or loaders (each called once for variant G, twice for C). ``orthogonal``: whether
+    this tensor takes the rotation part (``takes_orthogonal_part``); 1-D tensors never do. ``name`` only
+    labels the report.
+
+    Per expert: one matmul W₀ᵀTᵢ, one SVD (d_in × d_in), one matmul UVᵀ, one solve for Qᵢ (det Rᵢ only
+    where that solve flags an eigenvalue near −1, see ``procrustes_generator``). With ``task_arithmetic`` the residuals are never formed: Σρᵢ = ΣWᵢ − W₀·ΣRᵢ, so
+    W = W₀·(R̄ − λ·ΣRᵢ) + λ·ΣWᵢ costs one matmul in all (TIES and TSV-M need each ρᵢ: one more each).
+    """
+    n = len(experts)
+    if n == 0:
+        return w0.to(torch.float32, copy=True)
+    if not orthogonal or w0.ndim != 2:
+        return _residual_only(w0, experts, params, report)
+    dtype = work_dtype(w0.shape[1])
+    base = w0.to(dtype)
+    mean_delta = None
+    if params.variant == "C":  # first pass: the mean delta Δ̄
+        mean_delta = torch.zeros_like(base)
+        for e in experts:
+            mean_delta += _load(e, base)
+        mean_delta /= n
+        mean_delta -= base
+    arithmetic = params.residual_method == "task_arithmetic"
+    residuals = None if arithmetic else residual_merge(params.residual_method, n, params.density)
+    sum_w = sum_r = None  # ΣWᵢ (d_out, d_in), ΣRᵢ (d_in, d_in): task arithmetic only
+    generators = GeneratorMerge(params.norm_aggregate, params.direction_weighting)
+    for i, e in enumerate(experts):
+        w = _load(e, base)  # (d_out, d_in)
+        r, q = _expert_rotation(base, w, mean_delta, params, name, i, report)
+        generators.add(q)
+        del q
+        if arithmetic:
+            sum_w = w if sum_w is None else sum_w.add_(w)
+            sum_r = r if sum_r is None else sum_r.add_(r)
+        else:
+            w -= base @ r  # ρᵢ = Wᵢ − W₀Rᵢ
+            residuals.add(w)
+        del w, r
+    q_bar, cancelled = generators.result()
+    if cancelled:
+        log.info("%s: the experts' generators cancel; merged rotation set to identity", name or "tensor")
+        if report is not None:
+            report.cancelled.append(name)
+    r_bar = cayley(q_bar)  # (d_in, d_in)
+    del q_bar
+    if arithmetic:
+        r_bar.sub_(sum_r, alpha=params.lambda_)
+        del sum_r
+        merged = (base @ r_bar).add_(sum_w, alpha=params.lambda_)
+    else:
+        merged = (base @ r_bar).add_(residuals.result(), alpha=params.lambda_)
+    if report is not None:
+        report.matrices += 1
+    return merged.to(torch.float32)
+
+
+def _residual_only(w0: torch.Tensor, experts: Sequence[Expert], params: OrthoMergeParams,
+                   report: DecoupleReport | None) -> torch.Tensor:
+    """W₀ + λ·merge(τ₁ … τ_N), τᵢ = Wᵢ − W₀, fp32."""
+    residuals = residual_merge(params.residual_method, len(experts), params.density)
+    base = w0.to(torch.float32)
+    for e in experts:
+        tau = _load(e, base)
+        tau -= base
+        residuals.add(tau)
+    if report is not None:
+        report.residual_only += 1
+    return base + params.lambda_ * residuals.result()
+
+
+def merge(inputs: ChunkInputs) -> torch.Tensor:
+    """Engine entry for ORD on full-FT (or materialised LoRA) experts: one whole tensor at a time."""
+    p: OrthoMergeParams = inputs.params
+    return decouple_merge(
+        inputs.base,
+        [e.load for e in inputs.experts],
+        p,
+        orthogonal=takes_orthogonal_part(inputs.tensor, inputs.shape, p),
+        name=inputs.tensor,
+    )
+
+
+# ORD on experts that are full tensors of the base's names (full fine-tunes, or LoRA adapters whose
+# loaders materialise W₀ + s·B·A). OFT adapters take the other path (merge rule + fold), which the
+# engine routes itself; this record is not in METHODS until it does.
+METHOD = MergeMethod("orthomerge", merge, OrthoMergeParams, NoParams, base_model="required", elementwise=False)
