@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from .adapter_output import run_adapter_merge, wants_adapter_output
 from .config import layer_position, resolve_parameters
 from .errors import CheckpointError, StreamMergeError
 from .io.hf_files import write_model_card, write_model_files
@@ -141,7 +142,7 @@ def _inputs(plan: MergePlan, tensor: PlannedTensor, params, model_params, start:
     sidecars = plan.second_moments or [None] * len(plan.experts)
     experts = [
         ExpertInput(_loader(ckpt, name, start, count, device, finite), mp,
-                    _second_moment_loaders(sc, name, start, count, device))
+                    {**_second_moment_loaders(sc, name, start, count, device), **ckpt.aux(name)}, ckpt.kind)
         for ckpt, mp, sc in zip(plan.experts, model_params, sidecars)
     ]
     return ChunkInputs(name, tensor.out.shape, start, base, experts, params, plan.config.seed, state, device, run)
@@ -239,6 +240,8 @@ def _prefetch(plan: MergePlan, tensor: PlannedTensor) -> None:
 def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: ProgressFn | None = None) -> MergeResult:
     """Run ``plan`` into ``plan.out_dir``, resuming an interrupted run of the same plan."""
     options = options or MergeOptions()
+    if wants_adapter_output(plan):
+        return run_adapter_merge(plan, options)
     t0 = time.perf_counter()
     with claim_output_dir(plan, options) as claim:
         total = len(plan.tensors)

@@ -20,6 +20,8 @@ from .errors import PlanError
 from .io.hf_files import COPIED_FILES
 from .io.reader import Checkpoint, TensorMeta, check_model_file, open_checkpoint
 from .io.writer import OutputTensor, ShardPlan, plan_shards
+from .experts import AdapterExpert, is_adapter
+from .io.peft_adapters import open_adapter
 from .second_moments import describe as describe_second_moments
 from .second_moments import open_second_moments
 from .sidecar import SecondMoments
@@ -160,7 +162,7 @@ def make_plan(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> MergePlan:
     check_output_dir(out_dir, config.inputs)
-    opened: dict[Path, Checkpoint] = {}
+    opened: dict[object, Checkpoint] = {}
 
     def get(path: Path) -> Checkpoint:
         key = path.resolve()
@@ -168,9 +170,23 @@ def make_plan(
             opened[key] = open_checkpoint(path)
         return opened[key]
 
+    def expert(path: Path) -> Checkpoint:
+        if not is_adapter(path):
+            return get(path)
+        if config.base_model is None:
+            raise PlanError(f"{path}: is a PEFT adapter; set base_model: to the model it was trained on")
+        key = ("adapter", path.resolve())
+        if key not in opened:
+            base_ckpt = get(config.base_model)
+            opened[key] = AdapterExpert(base_ckpt, open_adapter(path, base_ckpt))
+        return opened[key]
+
     try:
+        if config.base_model is not None and is_adapter(config.base_model):
+            raise PlanError(f"base_model {config.base_model}: is a PEFT adapter; base_model must be the full model "
+                            "the adapters were trained on")
         base = get(config.base_model) if config.base_model and config.method.base_model != "unused" else None
-        experts = [get(m.path) for m in config.experts]
+        experts = [expert(m.path) for m in config.experts]
         reference = get(config.base_model) if config.base_model else experts[0]
         check_files_outside_output(out_dir, list(opened.values()))
         for name in ("config.json", *COPIED_FILES):  # copied into OUT_DIR after the merge: check them now

@@ -1,7 +1,7 @@
 """Write a merged OFT adapter folder that PEFT loads: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 The weights file is laid out like a model shard (``writer.ShardWriter``: header planned first, each
-tensor ``pwrite``n into its slot, written as a hidden ``.partial`` and renamed when complete); its bytes
+tensor ``pwrite``n into its slot, written as a hidden ``.partial`` and renamed once every tensor is in); its bytes
 equal ``safetensors.torch.save_file(tensors, metadata={"format": "pt"})``. The config is written last,
 so a folder with a config is complete. Tensors are written as given: keys in PEFT's layout
 (``base_model.model.<module>.oft_R.weight``), vectors (n, b(b−1)/2) in the inputs' dtype.
@@ -56,9 +56,10 @@ class AdapterWriter:
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         self._writer.write(key, tensor)
+        self._writer.finish_tensor(key)
 
     def finish(self) -> None:
-        self._writer.finish()
+        self._writer.finalize()
         write_text_atomic(self.out_dir / ADAPTER_CONFIG, json.dumps(self.config, indent=2, sort_keys=True) + "\n")
 
     def __enter__(self) -> AdapterWriter:

@@ -291,20 +291,25 @@ class LoraAdapter(PeftAdapter):
         for name, (key, _) in self.biases.items():
             self._check_shape(base, name, key, tuple(self.weights.meta(key).shape))
 
-    def delta(self, name: str, device: torch.device | str | None = None) -> torch.Tensor | None:
+    def delta(self, name: str, device: torch.device | str | None = None,
+              rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         """s·B·A for base weight ``name`` (s·b for a ``lora_bias`` bias), fp32, in the base's layout; None
-        if this adapter does not touch ``name``. Read on the CPU, computed on ``device``."""
+        if this adapter does not touch ``name``. ``rows``: only rows [r0, r1) of that (first-dim entries
+        of a bias). Read on the CPU, computed on ``device``."""
         if name in self.biases:
             key, scaling = self.biases[name]
-            return self.weights.read(key).to(device=device, dtype=torch.float32) * scaling
+            bias = self.weights.read(key).to(device=device, dtype=torch.float32) * scaling
+            return bias if rows is None else bias[rows[0] : rows[1]]
         m = self.modules.get(name)
         if m is None:
             return None
-        a = self.weights.read(m.a_key).to(device=device, dtype=torch.float32)
-        b = self.weights.read(m.b_key).to(device=device, dtype=torch.float32)
-        product = b @ a  # (out, in), or (dim, num_embeddings) for an embedding
-        if m.embedding or m.fan_in_fan_out:
-            product = product.transpose(0, 1).contiguous()
+        a = self.weights.read(m.a_key).to(device=device, dtype=torch.float32)  # (r, in) / (r, num_embeddings)
+        b = self.weights.read(m.b_key).to(device=device, dtype=torch.float32)  # (out, r) / (dim, r)
+        sel = slice(None) if rows is None else slice(*rows)
+        if m.embedding or m.fan_in_fan_out:  # the base stores (B·A)ᵀ: its rows are columns of B·A
+            product = (b @ a[:, sel]).transpose(0, 1).contiguous()
+        else:
+            product = b[sel] @ a  # (rows, in)
         product *= m.scaling
         return product
 

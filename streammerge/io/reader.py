@@ -53,7 +53,12 @@ class TensorMeta(TensorSpec):
 
 
 class Checkpoint:
-    """A read-only view of one model's tensors. Subclasses implement ``_read``."""
+    """A read-only view of one model's tensors. Subclasses implement ``_read``.
+
+    ``kind`` and ``aux`` let views that are not plain checkpoints (an adapter applied to a base model)
+    tell a merge method what they are and hand it extra per-tensor inputs."""
+
+    kind = "model"
 
     def __init__(self, path: Path, metas: dict[str, TensorMeta], files: list[Path], metadata: dict[str, str]):
         self.path = path
@@ -90,6 +95,10 @@ class Checkpoint:
 
     def prefetch(self, name: str) -> None:
         """Hint that ``name`` is read soon. Never blocks, never holds memory."""
+
+    def aux(self, name: str) -> dict:
+        """Extra inputs for tensor ``name`` (key -> loader); none for a plain checkpoint."""
+        return {}
 
     def close(self) -> None:
         pass

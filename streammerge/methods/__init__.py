@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import dare, linear, ota, task_arithmetic, ties
+from . import dare, linear, orthomerge, ota, task_arithmetic, ties
 from .base import ChunkInputs, ExpertInput, MergeMethod
 
 METHODS: dict[str, MergeMethod] = {
@@ -14,6 +14,7 @@ METHODS: dict[str, MergeMethod] = {
         dare.LINEAR,
         dare.TIES,
         ota.METHOD,
+        orthomerge.METHOD,
     )
 }
 

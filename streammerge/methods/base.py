@@ -52,7 +52,8 @@ class ExpertInput:
     load: Callable[[], torch.Tensor]  # fp32, same shape/device as ``ChunkInputs.base``; reads anew per call
     params: Any  # the method's ``model_params`` dataclass, resolved for this tensor
     # Extra per-expert inputs some methods use, e.g. {"second_moment": loader}; loaders may return None.
-    aux: Mapping[str, Callable[[], torch.Tensor | None]] = field(default_factory=dict)
+    aux: Mapping[str, Callable[[], Any]] = field(default_factory=dict)
+    kind: str = "model"  # what the expert is on disk: "model" (full weights), "lora" or "oft" (PEFT adapters)
 
 
 @dataclass(frozen=True)

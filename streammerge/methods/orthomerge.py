@@ -56,6 +56,7 @@ from typing import Literal
 
 import torch
 
+from ..errors import ConfigError
 from .base import ChunkInputs, MergeMethod, NoParams
 from .ord_residuals import ResidualMethod, residual_merge
 from .orthogonal import (
@@ -90,6 +91,7 @@ class OrthoMergeParams:
     cayley_min_sigma: float = 1e-2  # σ_min(R + I) below this: angles near π, generator clamped (reported)
     orthogonal_embeddings: bool = False  # give embedding matrices the orthogonal part too
     orthogonal_lm_head: bool = False  # give lm_head the orthogonal part too
+    output: Literal["model", "adapter"] = "model"  # OFT experts: the merged model, or a merged PEFT adapter
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -97,6 +99,7 @@ class OrthoMergeParams:
             ("residual_method", self.residual_method, ("task_arithmetic", "ties", "tsvm")),
             ("norm_aggregate", self.norm_aggregate, ("mean", "median", "max")),
             ("direction_weighting", self.direction_weighting, ("theta", "uniform")),
+            ("output", self.output, ("model", "adapter")),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
@@ -368,19 +371,119 @@ def _residual_only(w0: torch.Tensor, experts: Sequence[Expert], params: OrthoMer
     return base + params.lambda_ * residuals.result()
 
 
+# --- the engine's entry ----------------------------------------------------------------------------
+
+OFT_INPUT = "oft"  # ``ExpertInput.aux`` key: loader of an OFT adapter's ``OftInput`` for the tensor
+
+
+@dataclass(frozen=True)
+class OftInput:
+    """What one OFT adapter holds for one base tensor (the engine builds it from the adapter files)."""
+
+    generator: torch.Tensor | None  # stored oft_R vectors (n, b(b−1)/2), fp32; None: not rotated
+    replacement: torch.Tensor | None  # the adapter's own copy of the base tensor (modules_to_save), fp32
+    block_size: int = 0
+    embedding: bool = False
+    neumann_terms: int | None = None  # None: exact Cayley
+    neumann_convention: NeumannConvention = "peft-0.18"
+    coft_eps: float | None = None
+
+
+class OrthoRun:
+    """One OrthoMerge run: which path it takes, and what the numerics noticed (``report``)."""
+
+    def __init__(self, n_experts: int, device: torch.device | None = None):
+        self.decouple = DecoupleReport()
+        self.path: str | None = None
+        self.oft_rotated = 0  # tensors whose OFT rotations were merged
+        self.oft_cancelled: list[str] = []
+
+    def needs_calibration(self, model_params: list) -> bool:
+        return False
+
+    def observe(self, inputs: ChunkInputs) -> None:  # no calibration pass
+        pass
+
+    def calibrate(self) -> None:
+        pass
+
+    def report(self) -> list[str]:
+        lines = [self.path] if self.path else []
+        d = self.decouple
+        if self.oft_rotated:
+            lines.append(f"{self.oft_rotated} tensors rotated by merged OFT generators")
+        if self.oft_cancelled:
+            lines.append(f"{len(self.oft_cancelled)} tensors: the adapters' generators cancel, identity rotation used "
+                         f"({', '.join(self.oft_cancelled[:3])}{' ...' if len(self.oft_cancelled) > 3 else ''})")
+        if d.matrices or d.residual_only:
+            sigma = f"; smallest σ_min(Rᵢ + I) {d.min_sigma:.3g}" if d.matrices else ""
+            lines.append(f"{d.matrices} matrices decoupled into rotation + residual, {d.residual_only} merged as "
+                         f"residuals only{sigma}")
+        if d.clamped:
+            lines.append(f"{len(d.clamped)} expert rotations had an angle near π and were clamped "
+                         f"(e.g. {d.clamped[0][0]}, expert #{d.clamped[0][1]})")
+        if d.cancelled:
+            lines.append(f"{len(d.cancelled)} tensors: the experts' generators cancel, identity rotation used")
+        return lines
+
+
+def describe_path(kinds: Sequence[str], params: OrthoMergeParams) -> str:
+    """Which OrthoMerge path experts of these kinds ("model", "lora", "oft") take, in words."""
+    if kinds and all(k == "oft" for k in kinds):
+        return (f"OrthoMerge path: OFT rotations of {len(kinds)} adapters merged in the Lie algebra "
+                f"(norm {params.norm_aggregate}, direction {params.direction_weighting}), output {params.output}")
+    counts = ", ".join(f"{sum(k == kind for k in kinds)} {label}" for kind, label in
+                       (("model", "full fine-tune(s)"), ("lora", "LoRA adapter(s)"), ("oft", "OFT adapter(s), folded"))
+                       if kind in kinds)
+    extra = f", density {params.density}" if params.residual_method == "ties" else ""
+    return (f"OrthoMerge path: Orthogonal-Residual Decoupling, variant {params.variant}, of {counts}; residuals by "
+            f"{params.residual_method} (lambda {params.lambda_}{extra})")
+
+
+def merge_oft(base: torch.Tensor, oft: Sequence[OftInput], params: OrthoMergeParams,
+              name: str = "", run: OrthoRun | None = None) -> torch.Tensor:
+    """The OFT path for one base tensor: W₀ (the adapters' replacements averaged, else the base), with the
+    merged rotation of the adapters that rotate it folded in (fp32). An adapter that lacks the tensor
+    does not count, as in the reference."""
+    replaced = [o.replacement for o in oft if o.replacement is not None]
+    w0 = base if not replaced else torch.stack([r.to(base) for r in replaced]).mean(0)
+    rotating = [o for o in oft if o.generator is not None]
+    if not rotating:
+        return w0.to(torch.float32, copy=True)
+    first = rotating[0]
+    gens = [oft_generator(o.generator.to(base.device), o.block_size, o.coft_eps) for o in rotating]
+    q_bar, cancelled = merge_generators(gens, params.norm_aggregate, params.direction_weighting)
+    del gens
+    if run is not None:
+        run.oft_rotated += 1
+        if cancelled:
+            run.oft_cancelled.append(name)
+    blocks = oft_rotation_blocks(q_bar, first.block_size, first.neumann_terms, first.neumann_convention, first.coft_eps)
+    return fold_oft(w0, blocks, first.embedding)
+
+
 def merge(inputs: ChunkInputs) -> torch.Tensor:
-    """Engine entry for ORD on full-FT (or materialised LoRA) experts: one whole tensor at a time."""
+    """Engine entry, one whole tensor: all experts OFT adapters -> the OFT path; else ORD on the experts'
+    full weights (full fine-tunes, LoRA materialised as W₀ + s·B·A, OFT folded)."""
     p: OrthoMergeParams = inputs.params
+    run = inputs.run if isinstance(inputs.run, OrthoRun) else None
+    kinds = [e.kind for e in inputs.experts]
+    if run is not None and run.path is None:
+        run.path = describe_path(kinds, p)
+        log.info("%s", run.path)
+    if kinds and all(k == "oft" for k in kinds):
+        return merge_oft(inputs.base, [e.aux[OFT_INPUT]() for e in inputs.experts], p, inputs.tensor, run)
+    if p.output != "model":
+        raise ConfigError("orthomerge: output: adapter needs every model to be an OFT adapter")
     return decouple_merge(
         inputs.base,
         [e.load for e in inputs.experts],
         p,
         orthogonal=takes_orthogonal_part(inputs.tensor, inputs.shape, p),
         name=inputs.tensor,
+        report=run.decouple if run is not None else None,
     )
 
 
-# ORD on experts that are full tensors of the base's names (full fine-tunes, or LoRA adapters whose
-# loaders materialise W₀ + s·B·A). OFT adapters take the other path (merge rule + fold), which the
-# engine routes itself; this record is not in METHODS until it does.
-METHOD = MergeMethod("orthomerge", merge, OrthoMergeParams, NoParams, base_model="required", elementwise=False)
+METHOD = MergeMethod("orthomerge", merge, OrthoMergeParams, NoParams, base_model="required", elementwise=False,
+                     start_run=OrthoRun)
