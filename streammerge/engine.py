@@ -92,16 +92,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def check_finite(x: torch.Tensor, ckpt: Checkpoint, name: str, start: int) -> None:
-    """Refuse NaN/Inf in an input chunk. One reduction in the common case; the sum of finite
-    values overflowing to inf only costs the exact check."""
+def _first_nonfinite(x: torch.Tensor) -> tuple[int, int] | None:
+    """(count, first flat index) of NaN/Inf in ``x``, or None. One reduction in the common case: the
+    sum of finite values overflowing to inf only costs the exact check."""
     if bool(torch.isfinite(x.sum())):
-        return
+        return None
     bad = (~torch.isfinite(x)).reshape(-1).nonzero()
-    if bad.numel():
+    return (bad.numel(), int(bad[0])) if bad.numel() else None
+
+
+def check_finite(x: torch.Tensor, ckpt: Checkpoint, name: str, start: int) -> None:
+    """Refuse NaN/Inf in an input chunk, naming the file, tensor and element."""
+    found = _first_nonfinite(x)
+    if found is not None:
         raise CheckpointError(
-            f"{ckpt.meta(name).file}: tensor {name!r} holds {bad.numel()} NaN/Inf value(s) (first at flat "
-            f"element {start + int(bad[0])}); fix the checkpoint, or pass --allow-nonfinite to merge it anyway"
+            f"{ckpt.meta(name).file}: tensor {name!r} holds {found[0]} NaN/Inf value(s) (first at flat "
+            f"element {start + found[1]}); fix the checkpoint, or pass --allow-nonfinite to merge it anyway"
         )
 
 
@@ -114,6 +120,12 @@ def _loader(ckpt: Checkpoint, name: str, start: int, count: int | None, device: 
         return x
 
     return load
+
+
+def _stored_loader(ckpt: Checkpoint, name: str, start: int, count: int | None,
+                   device: torch.device) -> Callable[[], torch.Tensor]:
+    """The chunk as stored, on the compute device (no NaN check: elementwise methods check their output)."""
+    return lambda: ckpt.read(name, start, count).to(device)
 
 
 def _second_moment_loaders(sc: SecondMoments | None, name: str, start: int, count: int | None,
@@ -137,12 +149,16 @@ def _second_moment_loaders(sc: SecondMoments | None, name: str, start: int, coun
 
 def _inputs(plan: MergePlan, tensor: PlannedTensor, params, model_params, start: int, count: int | None,
             state, options: MergeOptions, run) -> ChunkInputs:
-    name, device, finite = tensor.out.name, options.device, not options.allow_nonfinite
+    # Elementwise methods check their output instead of every input (one reduction per chunk, not one per
+    # input and pass): NaN/Inf in any input reaches the output at that element (masks multiply, sums add).
+    name, device = tensor.out.name, options.device
+    finite = not options.allow_nonfinite and not plan.config.method.elementwise
     base = _loader(plan.base, name, start, count, device, finite)() if plan.base is not None else None
     sidecars = plan.second_moments or [None] * len(plan.experts)
     experts = [
         ExpertInput(_loader(ckpt, name, start, count, device, finite), mp,
-                    {**_second_moment_loaders(sc, name, start, count, device), **ckpt.aux(name)}, ckpt.kind)
+                    {**_second_moment_loaders(sc, name, start, count, device), **ckpt.aux(name)}, ckpt.kind,
+                    None if finite else _stored_loader(ckpt, name, start, count, device))
         for ckpt, mp, sc in zip(plan.experts, model_params, sidecars)
     ]
     return ChunkInputs(name, tensor.out.shape, start, base, experts, params, plan.config.seed, state, device, run)
@@ -173,8 +189,30 @@ def merge_tensor(plan: MergePlan, tensor: PlannedTensor, writer: ShardWriter | W
     state = method.prepare(chunks) if method.prepare is not None else None
     for inputs in chunks(state):
         result = method.merge(inputs)
+        if method.elementwise and not options.allow_nonfinite:
+            found = _first_nonfinite(result)
+            if found is not None:
+                _blame_nonfinite(plan, tensor, inputs, options, found)
         writer.write(out.name, result.reshape(-1).to(out.dtype).cpu(), inputs.start)
         del inputs, result
+
+
+def _blame_nonfinite(plan: MergePlan, tensor: PlannedTensor, inputs: ChunkInputs, options: MergeOptions,
+                     found: tuple[int, int]) -> None:
+    """A merged chunk holds NaN/Inf: name the input that holds them, or say the math overflowed."""
+    name = tensor.out.name
+    # this chunk's inputs first, then the whole tensor's (statistics passes, e.g. DARE's L1 norms, carry
+    # a NaN from one chunk into every other)
+    ranges = [(inputs.start, min(plan.chunk_elements, tensor.out.numel - inputs.start))]
+    ranges += chunk_ranges(tensor.out.numel, plan.chunk_elements)
+    for start, count in ranges:
+        for ckpt in [c for c in (plan.base, *plan.experts) if c is not None]:
+            _loader(ckpt, name, start, count, options.device, True)()
+    raise StreamMergeError(
+        f"merged tensor {name!r} has {found[0]} NaN/Inf value(s) (first at flat element {inputs.start + found[1]}) "
+        f"although its inputs are finite: an overflow of the merge's fp32 math; check the weights, or pass "
+        f"--allow-nonfinite to write it anyway"
+    )
 
 
 class WriteBehind:

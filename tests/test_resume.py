@@ -358,3 +358,30 @@ def test_sync_policy_marks_durable_records(tmp_path, models):
     lines = journal_path(out2).read_text().splitlines()
     kinds = [json.loads(line.rsplit("\t", 1)[0])["kind"] for line in lines]
     assert kinds == ["begin"] + ["tensor", "sync"] * 11 + ["complete"]
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+def test_nonfinite_is_traced_to_its_input_for_every_method(tmp_path, models, method):
+    base, e0, e1 = models
+    from safetensors.torch import load_file
+    tensors = {}
+    for f in sorted(e1.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    tensors["model.embed_tokens.weight"].view(-1)[2_500_000] = float("-inf")  # in the third 1M chunk
+    bad = save_folder(tmp_path / "bad", tensors)
+    extra = {} if method == "linear" else {"density": 0.5}
+    cfg = {"merge_method": method, "base_model": str(base),
+           "models": [{"model": str(e0), "parameters": {"weight": 0.5, **extra}},
+                      {"model": str(bad), "parameters": {"weight": 0.5, **extra}}]}
+    with pytest.raises(CheckpointError, match=r"bad/model.safetensors: tensor 'model.embed_tokens.weight' holds 1 NaN/Inf .*element 2500000"):
+        streammerge.merge(cfg, tmp_path / "out", chunk_elements=CHUNK)
+
+
+def test_overflow_of_the_merge_is_reported_as_such(tmp_path, models):
+    base, e0, e1 = models
+    cfg = {"merge_method": "linear", "models": [{"model": str(e0), "parameters": {"weight": 3e38}},
+                                                {"model": str(e1), "parameters": {"weight": 3e38}}],
+           "parameters": {"normalize": False}}
+    from streammerge.errors import StreamMergeError
+    with pytest.raises(StreamMergeError, match="although its inputs are finite: an overflow"):
+        streammerge.merge(cfg, tmp_path / "out", chunk_elements=CHUNK)

@@ -54,6 +54,20 @@ class ExpertInput:
     # Extra per-expert inputs some methods use, e.g. {"second_moment": loader}; loaders may return None.
     aux: Mapping[str, Callable[[], Any]] = field(default_factory=dict)
     kind: str = "model"  # what the expert is on disk: "model" (full weights), "lora" or "oft" (PEFT adapters)
+    # The chunk in its stored dtype (bf16/fp16/fp32) on the compute device; lets ``delta`` widen inside the
+    # subtraction instead of in a separate pass. None: ``delta`` uses ``load``.
+    load_stored: Callable[[], torch.Tensor] | None = None
+
+    def delta(self, base: torch.Tensor) -> torch.Tensor:
+        """θᵢ − θ₀ for this chunk: fp32, fresh memory, the same bits as ``load() - base`` (widening
+        bf16/fp16 to fp32 is exact), one pass over the data instead of two."""
+        if self.load_stored is not None:
+            stored = self.load_stored()
+            if stored.dtype in (torch.bfloat16, torch.float16, torch.float32):
+                return torch.sub(stored, base)
+        x = self.load()
+        x -= base
+        return x
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,7 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[float]:
     if needed:
         for inputs in chunks():
             for j, i in enumerate(needed):
-                delta = inputs.experts[i].load()
-                delta -= inputs.base
+                delta = inputs.experts[i].delta(inputs.base)
                 before[j] += float(delta.abs().sum(dtype=torch.float64))
                 after[j] += float(delta.mul_(_mask(inputs, i, delta)).abs().sum(dtype=torch.float64))
     for j, i in enumerate(needed):

@@ -220,8 +220,7 @@ class OtaRun:
             v = _second_moment(inputs, i)
             if v is None:
                 return
-            delta = inputs.experts[i].load()
-            delta -= inputs.base
+            delta = inputs.experts[i].delta(inputs.base)
             s = saliency(v, delta)
             del v, delta
             pending.append((i, SaliencyHistogram.bin_counts(s)))
@@ -313,9 +312,7 @@ def _curvature_merge(inputs: ChunkInputs, thresholds: list[float | None], run: O
         v = _second_moment(inputs, i)
         if v is None:
             return i
-        x = expert.load()  # θᵢ, then τᵢ
-        if base is not None:
-            x -= base
+        x = expert.delta(base) if base is not None else expert.load()  # τᵢ, or θᵢ without a base
         if num is None:
             num, den = torch.zeros_like(x), torch.zeros_like(x)
             mean = torch.zeros_like(x) if masking and not p.fallback_to_base else None
@@ -358,9 +355,7 @@ def _linear_merge(inputs: ChunkInputs) -> torch.Tensor:
         raise ConfigError(f"ota: {inputs.tensor} has no second moment and the scaling_factors sum to 0")
     out = None
     for expert, c in zip(inputs.experts, weights):
-        x = expert.load()
-        if inputs.base is not None:
-            x -= inputs.base
+        x = expert.delta(inputs.base) if inputs.base is not None else expert.load()
         x *= c
         out = x if out is None else out.add_(x)
     out /= sum(weights)

@@ -33,8 +33,7 @@ def _no_sparsify(inputs: ChunkInputs, i: int, delta: torch.Tensor) -> torch.Tens
 def weighted_delta(inputs: ChunkInputs, i: int, sparsify: Sparsifier) -> torch.Tensor:
     """wᵢ · sparsify(θᵢ − θ₀) for expert i, fp32 (one fresh tensor)."""
     expert = inputs.experts[i]
-    delta = expert.load()
-    delta -= inputs.base
+    delta = expert.delta(inputs.base)
     delta = sparsify(inputs, i, delta)
     delta *= expert.params.weight
     return delta

@@ -98,8 +98,7 @@ def kth_largest(magnitude: torch.Tensor, k: int) -> float:
 
 def _magnitudes(inputs: ChunkInputs, selected: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
     for i in selected:
-        magnitude = inputs.experts[i].load()
-        magnitude -= inputs.base
+        magnitude = inputs.experts[i].delta(inputs.base)
         yield i, magnitude.abs_()
 
 
