@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
@@ -138,7 +137,7 @@ print(json.dumps([time.perf_counter() - t0, usage.ru_maxrss * 1024, os.waitstatu
 def measure(cmd: list[str]) -> tuple[float, int, int, float]:
     """Run ``cmd`` as a child; return (wall s, peak RSS bytes of that child, exit code, CPU s)."""
     exe = shutil.which(cmd[0]) or cmd[0]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err:
         proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, exe, *cmd[1:]], stdout=subprocess.PIPE, stderr=err)
         wall, rss, code, cpu = json.loads(proc.stdout.decode().strip().splitlines()[-1])
         if code != 0:

@@ -19,12 +19,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import struct
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest

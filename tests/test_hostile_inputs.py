@@ -15,7 +15,6 @@ import shutil
 import signal
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest

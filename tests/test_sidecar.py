@@ -20,7 +20,7 @@ from streammerge.cli import main
 from streammerge.errors import CheckpointError, StreamMergeError
 from streammerge.io import second_moment_sources
 from streammerge.io.second_moment_factors import factorize
-from streammerge.io.sidecar_format import FOOTER, HEAD, SidecarWriter
+from streammerge.io.sidecar_format import FOOTER, SidecarWriter
 
 TRAINER = FIXTURES / "tiny-trainer-checkpoint"
 NAMED = FIXTURES / "tiny-exp-avg-sq.safetensors"
