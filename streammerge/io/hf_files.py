@@ -19,10 +19,8 @@ COPIED_FILES = (
 DTYPE_STRINGS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 
-def read_config(folder: Path) -> dict | None:
-    path = folder / "config.json"
-    if not path.is_file():
-        return None
+def read_json_object(path: Path) -> dict:
+    """A small JSON file that must hold one object (config.json, adapter_config.json)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -30,6 +28,11 @@ def read_config(folder: Path) -> dict | None:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
+
+
+def read_config(folder: Path) -> dict | None:
+    path = folder / "config.json"
+    return read_json_object(path) if path.is_file() else None
 
 
 def write_model_files(source: Path, out_dir: Path, dtype: torch.dtype | None) -> list[str]:

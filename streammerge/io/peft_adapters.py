@@ -31,7 +31,6 @@ this adapter (``replacement``). Everything is validated against the base model's
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from .peft_keys import (
     parse_key,
     pattern_value,
 )
+from .hf_files import read_json_object
 from .reader import Checkpoint, open_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -61,13 +61,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG}; not a PEFT adapter folder")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def is_adapter_folder(path: str | Path) -> bool:
