@@ -193,3 +193,42 @@ def test_without_a_base_model_experts_are_averaged_by_curvature(tmp_path, second
         w = {k: second_moments[k][1][name].double().sqrt() + 1e-26 for k in MODELS}
         ref = sum(w[k] * experts[k][name].double() for k in MODELS) / sum(w.values())
         torch.testing.assert_close(t, ref.float(), rtol=2e-6, atol=1e-7)
+
+
+def test_bias_correction_uses_each_exported_sidecars_step_and_beta2(tmp_path):
+    """Two experts trained for different numbers of Adam steps, exported live with sidecar.export."""
+    from streammerge import sidecar
+
+    torch.manual_seed(0)
+    src = tmp_path / "in"
+    src.mkdir()
+    base = {"w": torch.randn(8, 6), "b": torch.randn(6)}
+    save_file(base, src / "base.safetensors")
+    cfg = ["merge_method: ota", f"base_model: {src / 'base.safetensors'}", "models:"]
+    vs, corrections, experts = {}, {}, {}
+    for key, steps, beta2 in (("e1", 3, 0.95), ("e2", 40, 0.9)):
+        model = torch.nn.Module()
+        model.w, model.b = torch.nn.Parameter(base["w"].clone()), torch.nn.Parameter(base["b"].clone())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, beta2))
+        for _ in range(steps):
+            opt.zero_grad()
+            ((model.w @ torch.randn(6, 3)).square().sum() + model.b.sum()).backward()
+            opt.step()
+        sidecar.export(model, opt, src / f"{key}.sidecar", rank="exact")
+        experts[key] = {"w": model.w.detach().clone(), "b": model.b.detach().clone()}
+        save_file(experts[key], src / f"{key}.safetensors")
+        vs[key] = {n: opt.state[p]["exp_avg_sq"].clone() for n, p in (("w", model.w), ("b", model.b))}
+        corrections[key] = 1 / (1 - beta2**steps)
+        cfg += [f"  - model: {src / f'{key}.safetensors'}", f"    sidecar: {src / f'{key}.sidecar'}"]
+    cfg += ["parameters: {bias_correction: true}"]
+    (tmp_path / "cfg.yaml").write_text("\n".join(cfg) + "\n")
+    streammerge.merge(tmp_path / "cfg.yaml", tmp_path / "out")
+    merged = load_folder(tmp_path / "out")
+    for name, b0 in base.items():
+        w = {k: (vs[k][name].double() * corrections[k]).sqrt() + 1e-26 for k in vs}
+        ref = b0.double() + sum(w[k] * (experts[k][name].double() - b0) for k in vs) / sum(w.values())
+        torch.testing.assert_close(merged[name], ref.float(), rtol=2e-6, atol=1e-7)
+    # without the correction the result differs (the two experts' steps differ a lot)
+    (tmp_path / "cfg.yaml").write_text("\n".join(cfg[:-1]) + "\n")
+    streammerge.merge(tmp_path / "cfg.yaml", tmp_path / "plain")
+    assert not torch.allclose(load_folder(tmp_path / "plain")["w"], merged["w"], atol=1e-6)
