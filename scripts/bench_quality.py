@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from quality import merges as merge_table  # noqa: E402
 from quality import report  # noqa: E402
+from quality.diagnostics import task_vector_lines  # noqa: E402
 from quality.evaluate import accuracies  # noqa: E402
 from quality.tasks import TASK_NAMES, make_tasks  # noqa: E402
 from quality.training import ModelSize, RunSpec, finetune_full, finetune_lora, finetune_oft, load_model, new_model, save_model, train  # noqa: E402,E501
@@ -172,6 +173,8 @@ def expert_inputs(files: dict, expert_set: str, base: Path) -> merge_table.Merge
 
 
 def run_merges(entries, files, base: Path, tasks, experts_acc, work: Path, args) -> list[dict]:
+    for stale in ("configs", "merges"):  # from an earlier run with --reuse
+        shutil.rmtree(work / stale, ignore_errors=True)
     rows = []
     unavailable: dict[str, str] = {}
     for k, entry in enumerate(entries):
@@ -253,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine, 2 threads ran ~5x slower per step)")
     ap.add_argument("--reuse", action="store_true", help="keep trained models from an earlier run with the same settings")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-render results.md/.png from --out-dir/results.json (e.g. after editing quality/NOTES.md)")
     ap.add_argument("--only", default="", help="comma-separated substrings: run only merges whose name or experts match")
     args = ap.parse_args(argv)
     args.package_root = args.package_root.resolve()
@@ -261,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
 
+    if args.report_only:
+        return write_report(json.loads((args.out_dir / "results.json").read_text()), args.out_dir)
     s = SMOKE if args.smoke else Settings()
     clock = Clock()
     work = args.work_dir.resolve()
@@ -289,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if (work / "multitask").exists():
         results["multitask"] = {"test": accuracies(load_model(work / "multitask"), tasks, "test")}
+    if not args.smoke:
+        experts = {t: Path(f["path"]) for t, f in files["full"].items()}
+        results["diagnostics"] = task_vector_lines(base, experts, tasks)
     clock.lap("evaluate base and experts")
 
     entries = merge_table.entries(len(s.tasks), s.seed, smoke=args.smoke)
@@ -306,13 +316,19 @@ def main(argv: list[str] | None = None) -> int:
         "stages": clock.stages, "reused_training": reuse, "settings": json.loads(fingerprint),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    notes_file = Path(__file__).resolve().parent / "quality" / "NOTES.md"
-    notes = notes_file.read_text().splitlines() if notes_file.exists() and not args.smoke else []
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    text = report.write_markdown(results, args.out_dir / "results.md", notes)
+    return write_report(results, args.out_dir)
+
+
+def write_report(results: dict, out_dir: Path) -> int:
+    """results.md (with quality/NOTES.md appended for the full run), results.png; print the markdown."""
+    notes_file = Path(__file__).resolve().parent / "quality" / "NOTES.md"
+    smoke = "--smoke" in results["settings"]["command"]
+    notes = notes_file.read_text().splitlines() if notes_file.exists() and not smoke else []
+    text = report.write_markdown(results, out_dir / "results.md", notes)
     print("\n" + text)
-    why = report.write_plot(results, args.out_dir / "results.png")
-    print(why or f"plot: {args.out_dir / 'results.png'}")
+    why = report.write_plot(results, out_dir / "results.png")
+    print(why or f"plot: {out_dir / 'results.png'}")
     return 0
 
 

@@ -83,6 +83,8 @@ def write_markdown(results: dict, path: Path, notes: list[str]) -> str:
         "",
         *merges_table(results),
         "",
+        *(["## Diagnostics: each full-FT task vector alone (test accuracy, %)", "", *results["diagnostics"], ""]
+          if results.get("diagnostics") else []),
         *notes,
     ]
     out = "\n".join(text).rstrip() + "\n"
@@ -100,14 +102,18 @@ def write_plot(results: dict, path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install 'streammerge[bench]'): plot skipped"
-    rows = [r for r in results["merges"] if r["status"] == "ok"]
-    if not rows:
+    rows = results["merges"]
+    if not any(r["status"] == "ok" for r in rows):
         return "no merge succeeded: plot skipped"
     colours = {"full": "tab:blue", "lora": "tab:orange", "oft": "tab:green"}
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.6))
     labels = [f"{r['name']}  [{EXPERT_SETS[r['experts']]}]" for r in rows]
     ys = range(len(rows))[::-1]
-    ax.barh(list(ys), [100 * r["avg"] for r in rows], color=[colours[FAMILY[r["experts"]]] for r in rows])
+    ax.barh(list(ys), [100 * r["avg"] if r["status"] == "ok" else 0 for r in rows],
+            color=[colours[FAMILY[r["experts"]]] for r in rows])
+    for y, r in zip(ys, rows):
+        if r["status"] != "ok":
+            ax.text(1, y, r["status"] if r["status"] == "not available" else "failed", va="center", fontsize=7, color="gray")
     ax.set_yticks(list(ys), labels, fontsize=8)
     base = 100 * sum(results["base"]["test"].values()) / len(results["tasks"])
     ax.axvline(base, color="black", linestyle="--", linewidth=1, label=f"base ({base:.1f})")
@@ -115,6 +121,9 @@ def write_plot(results: dict, path: Path) -> str | None:
         own = 100 * sum(e["test"][t] for t, e in experts.items()) / len(experts)
         ax.axvline(own, color=colours[family], linestyle=":", linewidth=1.5,
                    label=f"{FAMILY_LABEL[family]} experts on own task ({own:.1f})")
+    if results.get("multitask"):
+        mt = 100 * sum(results["multitask"]["test"].values()) / len(results["tasks"])
+        ax.axvline(mt, color="gray", linestyle="-.", linewidth=1, label=f"multi-task full FT ({mt:.1f})")
     ax.set_xlabel("test exact-match accuracy, mean over tasks (%)")
     ax.set_xlim(0, 100)
     ax.legend(fontsize=7, loc="lower right")
