@@ -27,20 +27,29 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
-from quality import merges as merge_table  # noqa: E402
-from quality import report  # noqa: E402
-from quality.diagnostics import task_vector_lines  # noqa: E402
-from quality.evaluate import accuracies  # noqa: E402
-from quality.tasks import TASK_NAMES, make_tasks  # noqa: E402
-from quality.training import ModelSize, RunSpec, finetune_full, finetune_lora, finetune_oft, load_model, new_model, save_model, train  # noqa: E402,E501
+import torch
+from quality import merges as merge_table
+from quality import report
+from quality.diagnostics import task_vector_lines
+from quality.evaluate import accuracies
+from quality.tasks import TASK_NAMES, make_tasks
+from quality.training import (
+    ModelSize,
+    RunSpec,
+    finetune_full,
+    finetune_lora,
+    finetune_oft,
+    load_model,
+    new_model,
+    save_model,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -50,13 +59,13 @@ class Settings:
     n_train: int = 20000  # per task and pool (pretraining half, full distribution)
     n_val: int = 200
     n_test: int = 500
-    size: ModelSize = ModelSize()
-    pretrain: RunSpec = RunSpec(steps=2000, lr=3e-3)
-    full: RunSpec = RunSpec(steps=300, lr=1e-3)
-    lora: RunSpec = RunSpec(steps=300, lr=3e-3)
+    size: ModelSize = field(default_factory=ModelSize)
+    pretrain: RunSpec = field(default_factory=lambda: RunSpec(steps=2000, lr=3e-3))
+    full: RunSpec = field(default_factory=lambda: RunSpec(steps=300, lr=1e-3))
+    lora: RunSpec = field(default_factory=lambda: RunSpec(steps=300, lr=3e-3))
     lora_rank: int = 8
     lora_alpha: int = 16
-    oft: RunSpec = RunSpec(steps=300, lr=3e-3)
+    oft: RunSpec = field(default_factory=lambda: RunSpec(steps=300, lr=3e-3))
     oft_block_size: int = 32
     multitask: bool = True  # also fine-tune one full model on every task (a reference, not a merge)
 

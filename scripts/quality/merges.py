@@ -59,7 +59,7 @@ class MergeEntry:
 
 
 def _config(method: str, inputs: MergeInputs, model_params: dict | None = None, params: dict | None = None,
-            extra: Callable[[Expert], dict] | None = None, seed: int | None = None) -> dict:
+            extra: Callable[[Expert], dict] | None = None, seed: int | None = None, base: bool = True) -> dict:
     models = []
     for e in inputs.experts:
         entry: dict = {"model": str(e.path)}
@@ -68,7 +68,7 @@ def _config(method: str, inputs: MergeInputs, model_params: dict | None = None, 
         if model_params:
             entry["parameters"] = dict(model_params)
         models.append(entry)
-    cfg: dict = {"merge_method": method, "base_model": str(inputs.base), "models": models}
+    cfg: dict = {"merge_method": method, **({"base_model": str(inputs.base)} if base else {}), "models": models}
     if params:
         cfg["parameters"] = params
     cfg["dtype"] = "float32"
@@ -81,7 +81,8 @@ def _config(method: str, inputs: MergeInputs, model_params: dict | None = None, 
 
 
 def _linear(inputs, lam):
-    return _config("linear", inputs, {"weight": 1.0}, {"normalize": True})
+    # no base_model: mergekit 0.1.5 would make the base a linear input and refuse it without a weight
+    return _config("linear", inputs, {"weight": 1.0}, {"normalize": True}, base=False)
 
 
 def _task_arithmetic(inputs, lam):
@@ -203,7 +204,7 @@ def run_cli(config: dict, cfg_path: Path, out: Path, package_root: Path, threads
     env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "streammerge.cli", "merge", str(cfg_path), str(out), "--quiet", "--device", "cpu"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cfg_path.parent)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=cfg_path.parent)
     seconds = time.perf_counter() - t0
     err = (proc.stderr or proc.stdout).strip()
     if proc.returncode == 0:

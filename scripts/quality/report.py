@@ -76,10 +76,10 @@ def write_markdown(results: dict, path: Path, notes: list[str]) -> str:
         "",
         "## Merges (test exact-match accuracy, %)",
         "",
-        "`norm. avg`: mean over tasks of the merge's accuracy divided by the accuracy of that task's "
-        "expert of the same fine-tuning way (1.00 = every expert's skill kept). `λ (val)`: the scale "
-        "chosen on the validation split among the rule's value ×{0.5, 1, 1.5, 2}; `avg at rule λ`: test "
-        "average at the rule's value. `–`: the method has no λ.",
+        ("`norm. avg`: mean over tasks of the merge's accuracy divided by the accuracy of that task's "
+         "expert of the same fine-tuning way (1.00 = every expert's skill kept). `λ (val)`: the scale "
+         "chosen on the validation split among the rule's value ×{0.5, 1, 1.5, 2}; `avg at rule λ`: test "
+         "average at the rule's value. `–`: the method has no λ."),
         "",
         *merges_table(results),
         "",

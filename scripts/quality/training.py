@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -97,8 +98,6 @@ def load_model(folder: Path, base: Path | None = None):
     if (folder / "adapter_config.json").exists():
         from peft import PeftModel
 
-        import json
-
         base = base or Path(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
         model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32), folder)
         model = model.merge_and_unload()
@@ -127,7 +126,7 @@ def finetune_full(base_folder: Path, pool: Split, spec: RunSpec, seq_len: int, s
             try:
                 sidecar.export(model, opt, out / name, rank=rank)
                 written.append(name)
-            except Exception as e:  # an API still in flux: report, keep the raw dump
+            except Exception as e:  # noqa: BLE001 -- an API still in flux: warn, keep the raw dump
                 log.warning("sidecar.export(rank=%r) failed: %s", rank, e)
     return written
 
@@ -160,7 +159,8 @@ def finetune_oft(base_folder: Path, pool: Split, spec: RunSpec, seq_len: int, se
     _finetune_adapter(base_folder, cfg, get_peft_model, pool, spec, seq_len, seed, out, merged_out)
 
 
-def _finetune_adapter(base_folder, cfg, get_peft_model, pool, spec, seq_len, seed, out, merged_out) -> None:
+def _finetune_adapter(base_folder: Path, cfg, get_peft_model, pool: Split, spec: RunSpec, seq_len: int, seed: int,
+                      out: Path, merged_out: Path) -> None:
     model = get_peft_model(load_model(base_folder), cfg)
     train(model, [pool], spec, seq_len, seed)
     model.save_pretrained(out)
