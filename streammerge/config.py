@@ -81,10 +81,10 @@ class MergeConfig:
         """The ``models:`` entries the method merges (task-vector methods skip the base, as mergekit)."""
         if self.method.base_model == "unused" or self.base_model is None:
             return list(self.models)
-        return [m for m in self.models if not _same_path(m.path, self.base_model)]
+        return [m for m in self.models if not same_path(m.path, self.base_model)]
 
 
-def _same_path(a: Path, b: Path) -> bool:
+def same_path(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
     except OSError:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LAYER_RE, MergeConfig
+from .config import LAYER_RE, MergeConfig, same_path
 from .errors import PlanError
 from .io.hf_files import COPIED_FILES
 from .io.reader import Checkpoint, TensorMeta, check_model_file, open_checkpoint
@@ -155,6 +155,23 @@ def _check_matches(name: str, meta: TensorMeta, other: TensorMeta, model: Path) 
         )
 
 
+def _check_unused_base(config: MergeConfig, experts: list) -> None:
+    """A method that ignores base_model (linear) with a base not in ``models:``: mergekit refuses such a
+    config (the base would be an input without a weight); say so instead of silently leaving it out.
+    PEFT adapter experts are the exception: their weights are views of the base."""
+    if config.method.base_model != "unused" or config.base_model is None:
+        return
+    if any(isinstance(e, AdapterExpert) for e in experts):
+        return
+    if any(same_path(m.path, config.base_model) for m in config.models):
+        return
+    raise PlanError(
+        f"base_model {config.base_model}: merge_method {config.method.name} does not use a base model, and it is not "
+        f"listed under models:; list it there with a weight to include it, or remove base_model: "
+        f"(mergekit refuses this config too)"
+    )
+
+
 def make_plan(
     config: MergeConfig,
     out_dir: Path,
@@ -187,6 +204,7 @@ def make_plan(
                             "the adapters were trained on")
         base = get(config.base_model) if config.base_model and config.method.base_model != "unused" else None
         experts = [expert(m.path) for m in config.experts]
+        _check_unused_base(config, experts)
         reference = get(config.base_model) if config.base_model else experts[0]
         check_files_outside_output(out_dir, list(opened.values()))
         for name in ("config.json", *COPIED_FILES):  # copied into OUT_DIR after the merge: check them now

@@ -100,7 +100,27 @@ BAD_INPUTS = {
     "unknown parameter": lambda tmp: ([_config(tmp, FIXTURES / "tiny-llama-base", [FIXTURES / "tiny-llama-math"], extra="parameters: {gamma: 1}")], "unknown parameter 'gamma'"),
     "bad yaml": lambda tmp: ([(tmp / "c.yaml", (tmp / "c.yaml").write_text("merge_method: [\n"))[0]], "invalid YAML"),
     "shape mismatch": lambda tmp: ([_config(tmp, FIXTURES / "tiny-llama-base", [_mismatched_expert(tmp)[0]])], "differs from"),
+    "linear base not in models": lambda tmp: ([_linear_config(tmp, FIXTURES / "tiny-llama-base", [FIXTURES / "tiny-llama-math"])],
+                                              "does not use a base model"),
 }
+
+
+def _linear_config(tmp_path, base, models):
+    entries = "\n".join(f"  - model: {m}\n    parameters: {{weight: 1.0}}" for m in models)
+    p = tmp_path / "linear.yaml"
+    p.write_text(f"merge_method: linear\nbase_model: {base}\nmodels:\n{entries}\n")
+    return p
+
+
+def test_linear_with_its_base_listed_under_models_merges_it(tmp_path):
+    # mergekit's usual form: the base_model is also one of the weighted models, and is averaged in
+    cfg = _linear_config(tmp_path, FIXTURES / "tiny-llama-base", [FIXTURES / "tiny-llama-base", FIXTURES / "tiny-llama-math"])
+    assert run("merge", cfg, tmp_path / "out", "-q").returncode == 0
+    got = load_folder(tmp_path / "out")
+    a, b = load_folder(FIXTURES / "tiny-llama-base"), load_folder(FIXTURES / "tiny-llama-math")
+    name = "model.layers.0.mlp.down_proj.weight"
+    want = ((a[name].float() + b[name].float()) / 2).to(a[name].dtype)
+    assert torch.equal(got[name], want)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -35,7 +35,8 @@ def weighted_delta(inputs: ChunkInputs, i: int, sparsify: Sparsifier) -> torch.T
     expert = inputs.experts[i]
     delta = expert.delta(inputs.base)
     delta = sparsify(inputs, i, delta)
-    delta *= expert.params.weight
+    if expert.params.weight != 1:  # x·1 is x: skip the pass
+        delta *= expert.params.weight
     return delta
 
 
