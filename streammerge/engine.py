@@ -14,6 +14,7 @@ of them. How the output folder is claimed, resumed or refused is in ``output_dir
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -31,7 +32,8 @@ from .io.hf_files import write_model_card, write_model_files
 from .io.journal import Journal
 from .io.reader import Checkpoint
 from .io.writer import ShardWriter
-from .methods.base import SECOND_MOMENT, SECOND_MOMENT_BIAS_CORRECTION, ChunkInputs, ExpertInput
+from .methods.base import (SECOND_MOMENT, SECOND_MOMENT_BIAS_CORRECTION, SECOND_MOMENT_RANK1, ChunkInputs,
+                           ExpertInput, Rank1Chunk)
 from .output_dir import claim_output_dir
 from .planner import MergePlan, PlannedTensor, chunk_ranges
 from .sidecar import SecondMoments
@@ -138,13 +140,21 @@ def _second_moment_loaders(sc: SecondMoments | None, name: str, start: int, coun
         v = sc.get(name) if count is None else sc.get_flat(name, start, count)
         return v.to(device=device, dtype=torch.float32)
 
+    def rank1() -> Rank1Chunk | None:
+        n = math.prod(sc.shape(name))
+        found = sc.rank1_chunk(name, start, n if count is None else count)
+        if found is None:
+            return None
+        rows, cols, offset = found
+        return Rank1Chunk(rows.to(device), cols.to(device), offset, n if count is None else count)
+
     def bias_correction() -> torch.Tensor | None:
         step, beta2 = sc.step(name), sc.beta2
         if step is None or step < 1 or beta2 is None or not 0 < beta2 < 1:
             return None
         return torch.tensor(1.0 / (1.0 - beta2**step))
 
-    return {SECOND_MOMENT: second_moment, SECOND_MOMENT_BIAS_CORRECTION: bias_correction}
+    return {SECOND_MOMENT: second_moment, SECOND_MOMENT_RANK1: rank1, SECOND_MOMENT_BIAS_CORRECTION: bias_correction}
 
 
 def _inputs(plan: MergePlan, tensor: PlannedTensor, params, model_params, start: int, count: int | None,

@@ -73,6 +73,13 @@ class SecondMoments:
         """Flat elements ``[start, start + count)`` of ``get(name)``: fp32, 1-D."""
         raise NotImplementedError
 
+    def rank1_chunk(self, name: str, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """For a tensor stored as rank-1 factors: ``(rows, cols, offset)`` with ``get_flat(name, start,
+        count)`` = ``outer(rows, cols).reshape(-1)[offset : offset + count]`` up to rounding, both
+        factors checked non-negative and finite (else ``CheckpointError``). None for other
+        representations."""
+        return None
+
     def _check_range(self, name: str, start: int, count: int) -> None:
         numel = math.prod(self.shape(name))
         if start < 0 or count < 0 or start + count > numel:
@@ -97,6 +104,7 @@ class Sidecar(SecondMoments):
         self.metadata = self._reader.metadata
         self._frame: tuple[str, int, torch.Tensor] | None = None
         self._factors: tuple[str, Factored] | None = None
+        self._rank1: tuple[torch.Tensor, torch.Tensor] | None = None  # (r, c / Σv) of self._factors' tensor
 
     def keys(self) -> list[str]:
         return list(self._reader.records)
@@ -124,13 +132,33 @@ class Sidecar(SecondMoments):
         if self._factors is None or self._factors[0] != record.name:
             self._factors = None
             self._factors = (record.name, self._reader.factored(record))
+            self._rank1 = None
         return self._factors[1]
+
+    def rank1_chunk(self, name: str, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        record = self._reader.record(name)
+        if record.representation != "rank1":
+            return None
+        self._check_range(name, start, count)
+        f = self._compact(record)
+        if self._rank1 is None:  # once per tensor: the column scale and the factors' check
+            r, c = f.parts["r"], f.parts["c"]
+            cols = (c.to(torch.float64) / f.total).to(torch.float32) if f.total else torch.zeros_like(c)
+            for part, x in (("r", r), ("c / total", cols)):
+                if x.numel() and not (bool(torch.isfinite(x).all()) and float(x.min()) >= 0):
+                    raise CheckpointError(f"{self.path}: tensor {name!r}: rank-1 factor {part} has negative, NaN or "
+                                          "infinite values; the sidecar is corrupt (convert it again)")
+            self._rank1 = (r, cols)
+        r, cols = self._rank1
+        n = cols.numel()
+        row_lo, row_hi = start // n, (start + count - 1) // n + 1 if count else start // n
+        return r[row_lo:row_hi], cols, start - row_lo * n
 
     def get(self, name: str) -> torch.Tensor:
         record = self._reader.record(name)
         if record.representation == "exact":
             return self._reader.payload(record).reshape(record.shape)
-        return reconstruct(self._compact(record)).clone()
+        return reconstruct(self._compact(record))  # computed afresh from the factors: the caller's own
 
     def _frame_of(self, record: TensorRecord, j: int) -> torch.Tensor:
         if self._frame is None or self._frame[:2] != (record.name, j):
@@ -142,7 +170,7 @@ class Sidecar(SecondMoments):
         record = self._reader.record(name)
         self._check_range(name, start, count)
         if record.representation != "exact":
-            return reconstruct_flat(self._compact(record), start, count).clone()
+            return reconstruct_flat(self._compact(record), start, count)  # fresh, as in get()
         per = self._reader.frame_elements
         out = torch.empty(count, dtype=torch.float32)
         done = 0

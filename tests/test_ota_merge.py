@@ -83,20 +83,30 @@ def test_ota_with_exact_second_moments_matches_the_formula(tmp_path, second_mome
     assert not torch.allclose(merged["model.layers.0.mlp.up_proj.weight"], plain, atol=1e-4)
 
 
-def test_ota_reads_rank1_sidecars_converted_by_the_cli(tmp_path, second_moments):
+@pytest.mark.parametrize("variant", ["plain", "power 1, scaling, FFG threshold"])
+def test_ota_reads_rank1_sidecars_converted_by_the_cli(tmp_path, second_moments, variant):
     sidecars = {}
     for k, (raw, _) in second_moments.items():
         sidecars[k] = tmp_path / f"{k}.sidecar"
         r = CliRunner().invoke(main, ["sidecar", "convert", str(raw), str(sidecars[k]), "--rank", "1"])
         assert r.exit_code == 0, r.output
-    out = tmp_path / "out"
-    streammerge.merge(_config(tmp_path, sidecars), out)
     # reference: the rank-1 reconstruction r·cᵀ/Σv of each 2-D v (1-D stays exact)
     v1 = {}
     for k, (_, v) in second_moments.items():
         v1[k] = {n: (t.double().sum(1, keepdim=True) * t.double().sum(0, keepdim=True) / t.double().sum()).float()
                  if t.dim() == 2 else t for n, t in v.items()}
-    ref = _reference(v1)
+    out = tmp_path / "out"
+    if variant == "plain":
+        streammerge.merge(_config(tmp_path, sidecars), out)
+        ref = _reference(v1)
+    else:  # the factored weight path: (c·r ⊗ c')^p + ε, with a saliency mask from the same v̂
+        base, b = load_folder(BASE), load_folder(B)
+        name = "model.layers.0.mlp.up_proj.weight"
+        t = float(torch.quantile((v1["b"][name].double() * (b[name].double() - base[name].double()) ** 2).flatten(), 0.6))
+        cfg = _config(tmp_path, sidecars, {"a": "{scaling_factor: 2.5}", "b": f"{{threshold: {t!r}}}"},
+                      params="parameters: {power: 1.0, epsilon: 1e-26}")
+        streammerge.merge(cfg, out)
+        ref = _reference(v1, thresholds={"b": t}, power=1.0, scales={"a": 2.5, "b": 1.0})
     merged = load_folder(out)
     for name, t in ref.items():
         torch.testing.assert_close(merged[name], t, rtol=1e-5, atol=1e-6)

@@ -474,3 +474,24 @@ def test_cli_bad_input_one_line_no_traceback_nothing_written(tmp_path, case):
     assert needle in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
     assert snapshot(FIXTURES) == before and snapshot(tmp_path / "out") == out_before
+
+
+# --- rank-1 factors for the merge ----------------------------------------------------------------------
+
+def test_rank1_chunk_gives_the_same_values_as_get_flat(tmp_path):
+    from streammerge.io.second_moment_factors import Factored
+    _write(tmp_path / "a.sc", {"m": _v(37, 23), "vec": _v(50), "cube": _v(4, 5, 6)}, rank=1)
+    sc = sidecar.load(tmp_path / "a.sc")
+    assert sc.rank1_chunk("vec", 0, 50) is None  # 1-D stays exact: no factors
+    for name in ("m", "cube"):
+        numel = sc.get(name).numel()
+        for start, count in [(0, numel), (5, 17), (22, 2), (numel - 1, 1), (30, 0), (24, numel - 24)]:
+            rows, cols, offset = sc.rank1_chunk(name, start, count)
+            got = torch.outer(rows, cols).reshape(-1)[offset : offset + count]
+            assert torch.equal(got, sc.get_flat(name, start, count)), (name, start, count)
+    # corrupt factors (written as such, as a damaged or hand-made file would hold them) are refused by name
+    with SidecarWriter(tmp_path / "bad.sc") as w:
+        w.add("m", Factored("rank1", (3, 2), {"r": torch.tensor([1.0, -2.0, 1.0]), "c": torch.tensor([1.0, 1.0])}, 2.0))
+        w.finish({"source": "test"})
+    with pytest.raises(CheckpointError, match="'m': rank-1 factor r has negative, NaN or infinite values"):
+        sidecar.load(tmp_path / "bad.sc").rank1_chunk("m", 0, 6)

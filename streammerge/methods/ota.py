@@ -48,7 +48,7 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError, StreamMergeError
-from .base import SECOND_MOMENT, ChunkInputs, MergeMethod
+from .base import SECOND_MOMENT, SECOND_MOMENT_RANK1, ChunkInputs, MergeMethod, Rank1Chunk
 from .base import SECOND_MOMENT_BIAS_CORRECTION as BIAS_CORRECTION
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 HIST_SHIFT = 13  # bins = the upper 18 bits of a non-negative fp32: 8 exponent + 10 mantissa bits
 HIST_BINS = 1 << (31 - HIST_SHIFT)
+SMALLEST_SUBNORMAL = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # 1.4e-45: > 0, below every sum of w
 
 
 def _number(value: object) -> bool:
@@ -140,9 +141,13 @@ class SaliencyHistogram:
         self.counts = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
 
     @staticmethod
-    def bin_counts(s: torch.Tensor) -> torch.Tensor:
-        """Per-bin counts (int64, HIST_BINS) of a non-negative fp32 tensor."""
-        bits = (s.reshape(-1).view(torch.int32) & 0x7FFFFFFF) >> HIST_SHIFT  # -0.0 counts as 0
+    def bin_counts(s: torch.Tensor, consume: bool = False) -> torch.Tensor:
+        """Per-bin counts (int64, HIST_BINS) of a non-negative fp32 tensor (``consume``: reuse its memory)."""
+        # the upper 18 bits below the sign: an arithmetic shift, then the sign's copies masked off
+        # (-0.0 counts as 0)
+        bits = s.reshape(-1).view(torch.int32)
+        bits = bits.bitwise_right_shift_(HIST_SHIFT) if consume and s.is_contiguous() else bits >> HIST_SHIFT
+        bits &= HIST_BINS - 1
         return torch.bincount(bits, minlength=HIST_BINS)
 
     def add(self, s: torch.Tensor) -> None:
@@ -217,13 +222,13 @@ class OtaRun:
         for i, density in enumerate(densities):
             if density is None:
                 continue
-            v = _second_moment(inputs, i)
-            if v is None:
+            moment = _second_moment(inputs, i, check=False)  # checked by the merge pass before anything uses it
+            if moment is None:
                 return
-            delta = inputs.experts[i].delta(inputs.base)
-            s = saliency(v, delta)
-            del v, delta
-            pending.append((i, SaliencyHistogram.bin_counts(s)))
+            v = moment.v()
+            s = inputs.experts[i].delta(inputs.base).square_().mul_(v)  # saliency(v, τ), in τ's buffer
+            del v
+            pending.append((i, SaliencyHistogram.bin_counts(s, consume=True)))
             del s
         for i, counts in pending:  # committed only once every expert had v for this chunk
             self.histograms[i].counts += counts.to(self.histograms[i].counts.device)
@@ -260,22 +265,60 @@ class OtaRun:
 
 # --- the chunk-level merge ------------------------------------------------------------------------------
 
-def _second_moment(inputs: ChunkInputs, i: int) -> torch.Tensor | None:
-    loader = inputs.experts[i].aux.get(SECOND_MOMENT)
+class _Moment:
+    """One expert's second moment for the current chunk: a dense tensor, or rank-1 factors that give
+    ``v`` and ``w = c·v^p + ε`` in one pass each (no full-size sqrt, no per-chunk range check).
+    ``shape`` is the chunk's (that of the expert's chunk it weighs)."""
+
+    def __init__(self, shape: torch.Size, dense: torch.Tensor | None = None, rank1: Rank1Chunk | None = None):
+        self.shape, self.dense, self.rank1 = shape, dense, rank1
+
+    def v(self) -> torch.Tensor:
+        """vᵢ for the chunk, fp32 (the caller may modify it)."""
+        return self.dense if self.dense is not None else self.rank1.expand().reshape(self.shape)
+
+    def weight(self, v: torch.Tensor | None, scaling_factor: float, power: float, epsilon: float,
+               correction: float = 1.0) -> torch.Tensor:
+        """wᵢ = cᵢ·(k·vᵢ)^p + ε (k: bias correction). ``v``: the dense v, consumed (modified in place)."""
+        if self.rank1 is None:
+            if correction != 1.0:
+                v *= correction
+            return ota_weight(v, scaling_factor, power, epsilon)
+        f = self.rank1  # (k·r ⊗ c)^p = (k·r)^p ⊗ c^p for non-negative factors
+        rows = f.rows * correction if correction != 1.0 else f.rows
+        rows, cols = (rows.sqrt(), f.cols.sqrt()) if power == 0.5 else (rows.pow(power), f.cols.pow(power))
+        if scaling_factor != 1.0:
+            rows = rows * scaling_factor
+        return f.expand(rows, cols, plus=epsilon).reshape(self.shape)
+
+
+def _second_moment(inputs: ChunkInputs, i: int, check: bool = True) -> _Moment | None:
+    """Expert i's second moment for this chunk (None: its sidecar lacks the tensor). Dense values are
+    checked (non-negative, finite) unless ``check`` is off; rank-1 factors are checked by the sidecar."""
+    aux = inputs.experts[i].aux
+    shape = inputs.base.shape if inputs.base is not None else None
+    rank1_loader = aux.get(SECOND_MOMENT_RANK1)
+    rank1 = rank1_loader() if rank1_loader is not None else None
+    if rank1 is not None:
+        shape = shape if shape is not None else torch.Size([rank1.count])  # flat: the caller reshapes to θᵢ's
+        if rank1.count != math.prod(shape):
+            raise StreamMergeError(f"ota: {inputs.tensor}: expert #{i}'s second moment has {rank1.count} elements, "
+                                   f"the tensor chunk {math.prod(shape)}; the sidecar belongs to another model")
+        return _Moment(shape, rank1=rank1)
+    loader = aux.get(SECOND_MOMENT)
     v = loader() if loader is not None else None
     if v is None:
         return None
-    ref_shape = inputs.base.shape if inputs.base is not None else None
-    if ref_shape is not None and tuple(v.shape) != tuple(ref_shape):
+    if shape is not None and tuple(v.shape) != tuple(shape):
         raise StreamMergeError(f"ota: {inputs.tensor}: expert #{i}'s second moment has shape {list(v.shape)}, "
-                               f"the tensor chunk {list(ref_shape)}; the sidecar belongs to another model")
+                               f"the tensor chunk {list(shape)}; the sidecar belongs to another model")
     v = v.to(device=inputs.device, dtype=torch.float32)
-    if v.numel():
+    if check and v.numel():
         lo, hi = torch.aminmax(v)
         if not (lo >= 0 and torch.isfinite(hi)):
             raise StreamMergeError(f"ota: {inputs.tensor}: expert #{i}'s second moment has negative, NaN or infinite "
                                    f"values (min {float(lo):g}, max {float(hi):g}); its sidecar is corrupt")
-    return v
+    return _Moment(v.shape, dense=v)
 
 
 def _correction(inputs: ChunkInputs, i: int) -> float:
@@ -302,6 +345,12 @@ def _thresholds(inputs: ChunkInputs, run: OtaRun | None) -> list[float | None]:
     return out
 
 
+def _count_ones(keep: torch.Tensor) -> int:
+    """How many entries of a 1.0/0.0 tensor are 1: an fp32 sum is exact below 2²⁴ entries (every partial
+    sum is an integer fp32 holds) and far cheaper than a float64 one or count_nonzero on floats."""
+    return int(keep.sum() if keep.numel() < 1 << 24 else keep.sum(dtype=torch.float64))
+
+
 def _curvature_merge(inputs: ChunkInputs, thresholds: list[float | None], run: OtaRun | None) -> torch.Tensor | int:
     """The OTA/FFG formula, expert by expert; or the index of the first expert without a second moment."""
     p, base = inputs.params, inputs.base
@@ -309,38 +358,44 @@ def _curvature_merge(inputs: ChunkInputs, thresholds: list[float | None], run: O
     num = den = mean = None
     counts: list[tuple[int, int, int]] = []  # (expert, kept, seen)
     for i, expert in enumerate(inputs.experts):
-        v = _second_moment(inputs, i)
-        if v is None:
+        moment = _second_moment(inputs, i)
+        if moment is None:
             return i
         x = expert.delta(base) if base is not None else expert.load()  # τᵢ, or θᵢ without a base
-        if num is None:
-            num, den = torch.zeros_like(x), torch.zeros_like(x)
-            mean = torch.zeros_like(x) if masking and not p.fallback_to_base else None
-        mask = None
+        if masking and not p.fallback_to_base and mean is None:
+            mean = torch.zeros_like(x)
+        v = moment.v().view(x.shape) if thresholds[i] is not None or moment.rank1 is None else None
+        keep = None
         if thresholds[i] is not None:
-            mask = ffg_mask(saliency(v, x), thresholds[i])
-            counts.append((i, int(torch.count_nonzero(mask)), mask.numel()))
-        if p.bias_correction:
-            v *= _correction(inputs, i)
-        w = ota_weight(v, expert.params.scaling_factor, p.power, p.epsilon)
-        del v
-        if mask is not None:
-            w.mul_(mask)
-            del mask
+            # mᵢ as 1.0/0.0 in the saliency's own buffer: a float multiply below, where a bool mask
+            # would take torch's slow mixed-dtype path (masked_fill/where are slower still)
+            keep = saliency(v, x).ge_(thresholds[i])
+            counts.append((i, _count_ones(keep), keep.numel()))
+        correction = _correction(inputs, i) if p.bias_correction else 1.0
+        w = moment.weight(v, expert.params.scaling_factor, p.power, p.epsilon, correction).view(x.shape)
+        del v, moment
+        if keep is not None:
+            w.mul_(keep)
+            del keep
         if mean is not None:
             mean += x
-        num.addcmul_(w, x)
-        den += w
+        if num is None:  # the first expert starts the sums (0 + a is a: no zero buffers to fill)
+            num, den = w.mul(x), w
+        else:
+            num.addcmul_(w, x)
+            den += w
         del w, x
-    merged = num.div_(den)  # 0/0 = NaN exactly where every expert was masked
-    if masking:
+    empty, n_empty = None, 0
+    if masking:  # every expert masked: Σwᵢmᵢ = 0 and Σwᵢmᵢτᵢ = ±0 there
         empty = den == 0
         n_empty = int(torch.count_nonzero(empty))
-        if n_empty:
-            fill = torch.zeros((), device=merged.device) if mean is None else mean.div_(len(inputs.experts))
-            merged = torch.where(empty, fill, merged)
+        if n_empty and mean is None:
+            den.clamp_(min=SMALLEST_SUBNORMAL)  # ±0 / tiny = ±0: the fallback to the base, no NaN, no select
         if run is not None:
             run.all_masked += n_empty
+    merged = num.div_(den)
+    if n_empty and mean is not None:
+        merged = torch.where(empty, mean.div_(len(inputs.experts)), merged)
     if run is not None:
         for i, kept, seen in counts:
             run.kept[i] += kept
