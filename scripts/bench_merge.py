@@ -6,7 +6,9 @@
 Builds (once, reused afterwards) a Llama-shaped set under --data-dir: base + N experts, two
 safetensors shards each, written with the reference safetensors writer. Every merge runs as a child
 process; its peak RSS is that child's ``ru_maxrss`` (``os.wait4``), wall time is measured around it.
-Each input set is read once before timing so the page cache is warm for both tools. Prints markdown
+Each input set is read once before timing so the page cache is warm for both tools. With
+``--repeats N`` every timed row runs N times, the tools interleaved, and the table shows the median
+wall and CPU time and the largest peak RSS (on a shared VM single runs vary by ±20 %). Prints markdown
 tables: streammerge vs mergekit per method (and their ratio), the RSS budget check
 (``import torch`` RSS + 4 × largest tensor in fp32), and streammerge's peak RSS versus expert count.
 """
@@ -169,6 +171,15 @@ def run_tool(tool: str, cfg_path: Path, out: Path, extra: tuple[str, ...] = ()) 
     return result
 
 
+def repeated(runs: list[tuple[float, int, int, float]]) -> tuple[float, int, int, float]:
+    """Median wall and CPU, largest RSS, first non-zero exit code of repeated runs."""
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+    codes = [r[2] for r in runs if r[2] != 0]
+    return median([r[0] for r in runs]), max(r[1] for r in runs), codes[0] if codes else 0, median([r[3] for r in runs])
+
+
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e10 else f"{n / 1e6:.0f} MB"
 
@@ -185,6 +196,7 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=ROOT / "bench_data")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--ota", action="store_true", help="also time OTA and OTA+FFG against task_arithmetic (builds rank-1 sidecars once)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per timed row (median wall/CPU, max RSS)")
     ap.add_argument("--sync-costs", action="store_true",
                     help="also time task_arithmetic with --sync-every end / 1GB (default) / 0 (every tensor)")
     args = ap.parse_args()
@@ -210,8 +222,13 @@ def main() -> None:
     for method in args.methods.split(","):
         cfg_path = work / f"{method}.yaml"
         cfg_path.write_text(config_yaml(method, base, experts))
-        sm_wall, sm_rss, sm_code, sm_cpu = run_tool("streammerge", cfg_path, work / "out-sm")
-        mk = run_tool("mergekit", cfg_path, work / "out-mk") if have_mergekit else None
+        sm_runs, mk_runs = [], []
+        for _ in range(args.repeats):  # interleaved, so drifts of the machine hit both tools alike
+            sm_runs.append(run_tool("streammerge", cfg_path, work / "out-sm"))
+            if have_mergekit:
+                mk_runs.append(run_tool("mergekit", cfg_path, work / "out-mk"))
+        sm_wall, sm_rss, sm_code, sm_cpu = repeated(sm_runs)
+        mk = repeated(mk_runs) if mk_runs else None
         wr = f"{sm_wall / mk[0]:.2f}x" if mk and mk[2] == 0 else "-"
         rr = f"{sm_rss / mk[1]:.2f}x" if mk and mk[2] == 0 else "-"
         print(f"| {method} | streammerge | {sm_wall:.1f} | {sm_cpu:.1f} | {gb(sm_rss)} | {wr} | {rr} |" + ("" if sm_code == 0 else " FAILED"))
@@ -230,11 +247,15 @@ def main() -> None:
         rows = [("task_arithmetic", config_yaml("task_arithmetic", base, experts)),
                 ("ota (rank-1 sidecars)", config_yaml("ota", base, experts, sidecars=sidecars)),
                 ("ota + FFG density 0.3 (two passes)", config_yaml("ota", base, experts, sidecars=sidecars, ffg_density=0.3))]
+        runs: dict[str, list] = {label: [] for label, _ in rows}
+        for _ in range(args.repeats):
+            for label, text in rows:
+                cfg_path = work / "ota-bench.yaml"
+                cfg_path.write_text(text)
+                runs[label].append(run_tool("streammerge", cfg_path, work / "out-sm"))
         first = None
-        for label, text in rows:
-            cfg_path = work / "ota-bench.yaml"
-            cfg_path.write_text(text)
-            wall, rss, code, cpu = run_tool("streammerge", cfg_path, work / "out-sm")
+        for label, _ in rows:
+            wall, rss, code, cpu = repeated(runs[label])
             first = first or wall
             print(f"| {label} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | {wall / first:.2f}x |" + ("" if code == 0 else " FAILED"), flush=True)
 
@@ -243,9 +264,14 @@ def main() -> None:
         print("| --- | ---: | ---: | ---: |", flush=True)
         cfg_path = work / "task_arithmetic.yaml"
         cfg_path.write_text(config_yaml("task_arithmetic", base, experts))
+        settings = ("end", "1GB", "0")
+        sync_runs: dict[str, list] = {x: [] for x in settings}
+        for _ in range(args.repeats):
+            for setting in settings:
+                sync_runs[setting].append(run_tool("streammerge", cfg_path, work / "out-sm", ("--sync-every", setting)))
         first = None
-        for setting in ("end", "1GB", "0"):
-            wall, _, _, cpu = run_tool("streammerge", cfg_path, work / "out-sm", ("--sync-every", setting))
+        for setting in settings:
+            wall, _, _, cpu = repeated(sync_runs[setting])
             first = first or wall
             print(f"| {setting} | {wall:.1f} | {cpu:.1f} | {wall / first:.2f}x |", flush=True)
 
