@@ -180,16 +180,21 @@ def repeated(runs: list[tuple[float, int, int, float]]) -> tuple[float, int, int
     return median([r[0] for r in runs]), max(r[1] for r in runs), codes[0] if codes else 0, median([r[3] for r in runs])
 
 
+def add_shape_options(ap: argparse.ArgumentParser) -> None:
+    """The Llama-shaped set's dimensions (default ~0.5 B parameters), shared by the bench scripts."""
+    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--intermediate", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=32000)
+
+
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e10 else f"{n / 1e6:.0f} MB"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=1536)
-    ap.add_argument("--intermediate", type=int, default=4096)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_shape_options(ap)
     ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--methods", default="task_arithmetic,ties")
     ap.add_argument("--scaling-experts", default="2,8", help="expert counts for the RSS-growth table ('' to skip)")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from bench_merge import ROOT, gb, llama_shapes, measure, torch_import_rss  # noqa: E402
+from bench_merge import ROOT, add_shape_options, gb, llama_shapes, measure, torch_import_rss  # noqa: E402
 
 from streammerge.io.writer import ShardWriter, plan_shards  # noqa: E402
 from streammerge.io.safetensors_format import TensorSpec  # noqa: E402
@@ -57,10 +57,7 @@ def build(folder: Path, shapes: dict[str, tuple[int, ...]], with_torch: bool, se
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=1536)
-    ap.add_argument("--intermediate", type=int, default=4096)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_shape_options(ap)
     ap.add_argument("--ranks", default="1", help="comma-separated: exact, 1, K")
     ap.add_argument("--torch", action="store_true", help="also convert from a name-keyed torch .pt file")
     ap.add_argument("--data-dir", type=Path, default=ROOT / "bench_data")

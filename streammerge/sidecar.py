@@ -26,7 +26,7 @@ import torch
 
 from .errors import CheckpointError, OutputError, StreamMergeError
 from .io.reader import SafetensorsCheckpoint
-from .io.second_moment_factors import Factored, factorize, reconstruct, reconstruct_flat
+from .io.second_moment_factors import Factored, factorize, rank1_columns, reconstruct, reconstruct_flat
 from .io.second_moment_sources import open_source
 from .io.sidecar_format import MAGIC, SidecarReader, SidecarWriter, StorageDtype, TensorRecord
 
@@ -142,8 +142,7 @@ class Sidecar(SecondMoments):
         self._check_range(name, start, count)
         f = self._compact(record)
         if self._rank1 is None:  # once per tensor: the column scale and the factors' check
-            r, c = f.parts["r"], f.parts["c"]
-            cols = (c.to(torch.float64) / f.total).to(torch.float32) if f.total else torch.zeros_like(c)
+            r, cols = f.parts["r"], rank1_columns(f)
             for part, x in (("r", r), ("c / total", cols)):
                 if x.numel() and not (bool(torch.isfinite(x).all()) and float(x.min()) >= 0):
                     raise CheckpointError(f"{self.path}: tensor {name!r}: rank-1 factor {part} has negative, NaN or "

@@ -140,15 +140,17 @@ def _truncated_svd(mat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return a.to(torch.float32), vh[:k].to(torch.float32).contiguous()
 
 
+def rank1_columns(f: Factored) -> torch.Tensor:
+    """The column factor of a rank-1 v̂ = r·cᵀ / Σv with the scale folded in: c / Σv, formed in fp64 and
+    rounded once to fp32 (zeros when Σv = 0), so that v̂ = outer(r, rank1_columns(f))."""
+    c = f.parts["c"]
+    return (c.to(torch.float64) / f.total).to(torch.float32) if f.total else torch.zeros_like(c)
+
+
 def reconstruct_rows(f: Factored, row_lo: int, row_hi: int) -> torch.Tensor:
     """Rows [row_lo, row_hi) of v̂ as an fp32 (rows, n) matrix; compact representations only."""
     if f.representation == "rank1":
-        r, c = f.parts["r"], f.parts["c"]
-        if not f.total:
-            return torch.zeros(row_hi - row_lo, c.numel(), dtype=torch.float32)
-        # v̂ = r·cᵀ / Σv; the scale c / Σv is formed in fp64 and rounded once
-        scaled = (c.to(torch.float64) / f.total).to(torch.float32)
-        return torch.outer(r[row_lo:row_hi], scaled)
+        return torch.outer(f.parts["r"][row_lo:row_hi], rank1_columns(f))
     if f.representation == "rank-k":
         return (f.parts["a"][row_lo:row_hi] @ f.parts["b"]).clamp_(min=0)
     raise ValueError(f"reconstruct_rows: {f.representation} is not a factored representation")
