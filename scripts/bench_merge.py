@@ -73,7 +73,9 @@ def write_model(folder: Path, shapes: dict[str, tuple[int, ...]], seed: int, bas
         save_file(tensors, folder / file, metadata={"format": "pt"})
         weight_map.update({n: file for n in group})
         del tensors
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     (folder / ".complete").write_text("ok")
 
@@ -81,10 +83,17 @@ def write_model(folder: Path, shapes: dict[str, tuple[int, ...]], seed: int, bas
 def build_set(data_dir: Path, args, n_experts: int) -> list[Path]:
     shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
-        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers, "num_attention_heads": args.hidden // 128 or 1,
-        "num_key_value_heads": args.hidden // 128 or 1, "vocab_size": args.vocab, "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.hidden // 128 or 1,
+        "num_key_value_heads": args.hidden // 128 or 1,
+        "vocab_size": args.vocab,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
     }
     tag = f"h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}"
     folders = [data_dir / tag / "base"] + [data_dir / tag / f"expert{i}" for i in range(n_experts)]
@@ -95,14 +104,26 @@ def build_set(data_dir: Path, args, n_experts: int) -> list[Path]:
     return folders
 
 
-def config_yaml(method: str, base: Path, experts: list[Path], extra_model: str = "", extra: str = "",
-                sidecars: list[Path] | None = None, ffg_density: float | None = None) -> str:
+def config_yaml(
+    method: str,
+    base: Path,
+    experts: list[Path],
+    extra_model: str = "",
+    extra: str = "",
+    sidecars: list[Path] | None = None,
+    ffg_density: float | None = None,
+) -> str:
     if method == "ota":
         density = f"\n    parameters: {{density: {ffg_density}}}" if ffg_density else ""
-        models = "".join(f"  - model: {e}\n    sidecar: {sc}{density}\n" for e, sc in zip(experts, sidecars))
+        models = "".join(
+            f"  - model: {e}\n    sidecar: {sc}{density}\n" for e, sc in zip(experts, sidecars, strict=False)
+        )
     else:
         density = ", density: 0.5" if method in ("ties", "dare_ties", "dare_linear") else ""
-        models = "".join(f"  - model: {e}\n    parameters: {{weight: {1.0 / len(experts):.4f}{density}}}\n{extra_model}" for e in experts)
+        models = "".join(
+            f"  - model: {e}\n    parameters: {{weight: {1.0 / len(experts):.4f}{density}}}\n{extra_model}"
+            for e in experts
+        )
     return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: float32\nout_dtype: bfloat16\n{extra}"
 
 
@@ -117,8 +138,11 @@ def build_sidecars(data_dir: Path, args, experts: list[Path]) -> list[Path]:
         if not sidecar.exists():
             raw, _ = build_second_moments(expert.parent / f"v-{expert.name}", shapes, False, seed=i + 1)
             print(f"converting {raw} -> {sidecar} ...", file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, "-m", "streammerge.cli", "sidecar", "convert", str(raw), str(sidecar),
-                            "--rank", "1"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [sys.executable, "-m", "streammerge.cli", "sidecar", "convert", str(raw), str(sidecar), "--rank", "1"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         out.append(sidecar)
     return out
 
@@ -144,7 +168,10 @@ def measure(cmd: list[str]) -> tuple[float, int, int, float]:
         wall, rss, code, cpu = json.loads(proc.stdout.decode().strip().splitlines()[-1])
         if code != 0:
             err.seek(0)
-            print(f"command failed ({code}): {' '.join(cmd)}\n{err.read().decode(errors='replace')[-2000:]}", file=sys.stderr)
+            print(
+                f"command failed ({code}): {' '.join(cmd)}\n{err.read().decode(errors='replace')[-2000:]}",
+                file=sys.stderr,
+            )
     return wall, rss, code, cpu
 
 
@@ -163,7 +190,18 @@ def torch_import_rss() -> int:
 def run_tool(tool: str, cfg_path: Path, out: Path, extra: tuple[str, ...] = ()) -> tuple[float, int, int, float]:
     shutil.rmtree(out, ignore_errors=True)
     if tool == "streammerge":
-        cmd = [sys.executable, "-m", "streammerge.cli", "merge", str(cfg_path), str(out), "--quiet", "--device", "cpu", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "streammerge.cli",
+            "merge",
+            str(cfg_path),
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+            *extra,
+        ]
     else:
         cmd = [shutil.which("mergekit-yaml") or "mergekit-yaml", str(cfg_path), str(out)]
     result = measure(cmd)
@@ -173,9 +211,11 @@ def run_tool(tool: str, cfg_path: Path, out: Path, extra: tuple[str, ...] = ()) 
 
 def repeated(runs: list[tuple[float, int, int, float]]) -> tuple[float, int, int, float]:
     """Median wall and CPU, largest RSS, first non-zero exit code of repeated runs."""
+
     def median(xs):
         xs = sorted(xs)
         return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
     codes = [r[2] for r in runs if r[2] != 0]
     return median([r[0] for r in runs]), max(r[1] for r in runs), codes[0] if codes else 0, median([r[3] for r in runs])
 
@@ -200,10 +240,17 @@ def main() -> None:
     ap.add_argument("--scaling-experts", default="2,8", help="expert counts for the RSS-growth table ('' to skip)")
     ap.add_argument("--data-dir", type=Path, default=ROOT / "bench_data")
     ap.add_argument("--skip-mergekit", action="store_true")
-    ap.add_argument("--ota", action="store_true", help="also time OTA and OTA+FFG against task_arithmetic (builds rank-1 sidecars once)")
+    ap.add_argument(
+        "--ota",
+        action="store_true",
+        help="also time OTA and OTA+FFG against task_arithmetic (builds rank-1 sidecars once)",
+    )
     ap.add_argument("--repeats", type=int, default=1, help="runs per timed row (median wall/CPU, max RSS)")
-    ap.add_argument("--sync-costs", action="store_true",
-                    help="also time task_arithmetic with --sync-every end / 1GB (default) / 0 (every tensor)")
+    ap.add_argument(
+        "--sync-costs",
+        action="store_true",
+        help="also time task_arithmetic with --sync-every end / 1GB (default) / 0 (every tensor)",
+    )
     args = ap.parse_args()
 
     shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
@@ -217,8 +264,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     torch_rss = torch_import_rss()
 
-    print(f"\nset: {params / 1e9:.3f} B params/model, bf16, base + {args.experts} experts, 2 shards each; "
-          f"largest tensor {gb(largest_fp32)} in fp32; `import torch` RSS {gb(torch_rss)}; {os.cpu_count()} CPUs\n")
+    print(
+        f"\nset: {params / 1e9:.3f} B params/model, bf16, base + {args.experts} experts, 2 shards each; "
+        f"largest tensor {gb(largest_fp32)} in fp32; `import torch` RSS {gb(torch_rss)}; {os.cpu_count()} CPUs\n"
+    )
     print("| method | tool | wall s | CPU s | peak RSS | wall ratio | RSS ratio |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
     warm([base, *experts])
@@ -236,9 +285,16 @@ def main() -> None:
         mk = repeated(mk_runs) if mk_runs else None
         wr = f"{sm_wall / mk[0]:.2f}x" if mk and mk[2] == 0 else "-"
         rr = f"{sm_rss / mk[1]:.2f}x" if mk and mk[2] == 0 else "-"
-        print(f"| {method} | streammerge | {sm_wall:.1f} | {sm_cpu:.1f} | {gb(sm_rss)} | {wr} | {rr} |" + ("" if sm_code == 0 else " FAILED"))
+        print(
+            f"| {method} | streammerge | {sm_wall:.1f} | {sm_cpu:.1f} | {gb(sm_rss)} | {wr} | {rr} |"
+            + ("" if sm_code == 0 else " FAILED")
+        )
         if mk:
-            print(f"| {method} | mergekit 0.1.5 | {mk[0]:.1f} | {mk[3]:.1f} | {gb(mk[1])} | 1.00x | 1.00x |" + ("" if mk[2] == 0 else " FAILED"), flush=True)
+            print(
+                f"| {method} | mergekit 0.1.5 | {mk[0]:.1f} | {mk[3]:.1f} | {gb(mk[1])} | 1.00x | 1.00x |"
+                + ("" if mk[2] == 0 else " FAILED"),
+                flush=True,
+            )
         rss_rows.append((method, sm_rss))
     print(f"\nRSS budget (import torch + 4 x largest fp32 tensor) = {gb(budget)}")
     for method, rss in rss_rows:
@@ -249,9 +305,14 @@ def main() -> None:
         warm([base, *experts])
         print("\n| method | wall s | CPU s | peak RSS | wall vs task_arithmetic |")
         print("| --- | ---: | ---: | ---: | ---: |", flush=True)
-        rows = [("task_arithmetic", config_yaml("task_arithmetic", base, experts)),
-                ("ota (rank-1 sidecars)", config_yaml("ota", base, experts, sidecars=sidecars)),
-                ("ota + FFG density 0.3 (two passes)", config_yaml("ota", base, experts, sidecars=sidecars, ffg_density=0.3))]
+        rows = [
+            ("task_arithmetic", config_yaml("task_arithmetic", base, experts)),
+            ("ota (rank-1 sidecars)", config_yaml("ota", base, experts, sidecars=sidecars)),
+            (
+                "ota + FFG density 0.3 (two passes)",
+                config_yaml("ota", base, experts, sidecars=sidecars, ffg_density=0.3),
+            ),
+        ]
         runs: dict[str, list] = {label: [] for label, _ in rows}
         for _ in range(args.repeats):
             for label, text in rows:
@@ -262,7 +323,11 @@ def main() -> None:
         for label, _ in rows:
             wall, rss, code, cpu = repeated(runs[label])
             first = first or wall
-            print(f"| {label} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | {wall / first:.2f}x |" + ("" if code == 0 else " FAILED"), flush=True)
+            print(
+                f"| {label} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | {wall / first:.2f}x |"
+                + ("" if code == 0 else " FAILED"),
+                flush=True,
+            )
 
     if args.sync_costs:
         print("\n| --sync-every | wall s | CPU s | vs end-only |")
@@ -291,7 +356,10 @@ def main() -> None:
                 warm(folders[1 : 1 + n])
                 wall, rss, _, cpu = run_tool("streammerge", cfg_path, work / "out-sm")
                 first = first or rss
-                print(f"| {n} | {method} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | {100 * (rss / first - 1):+.1f}% |", flush=True)
+                print(
+                    f"| {n} | {method} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | {100 * (rss / first - 1):+.1f}% |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

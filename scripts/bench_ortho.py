@@ -11,7 +11,8 @@ Per shape (d_out x d_in) the run times, in the same process and on the same devi
   for the polar factor, the solve for the inverse Cayley map);
 - ``decouple_merge`` of the matrix with N synthetic experts (W₀ + 1 % noise), whole, divided by N.
 
-It prints wall times (seconds; with ``--repeats`` the best of several) as a markdown table; "ratio" is decoupling per expert over SVD + solve
+It prints wall times (seconds; with ``--repeats`` the best of several) as a markdown table;
+"ratio" is decoupling per expert over SVD + solve
 (target <= 1.5 on CPU). Synthetic data: fp32 standard normal weights scaled by 1/sqrt(d_in). Nothing is
 read from or written to disk.
 """
@@ -45,8 +46,9 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench_shape(d_out: int, d_in: int, n_experts: int, params: OrthoMergeParams, device: torch.device,
-                seed: int, repeats: int) -> dict[str, float]:
+def bench_shape(
+    d_out: int, d_in: int, n_experts: int, params: OrthoMergeParams, device: torch.device, seed: int, repeats: int
+) -> dict[str, float]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     w0 = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(device)
     noise = [0.01 * torch.randn(d_out, d_in, generator=g) / d_in**0.5 for _ in range(n_experts)]
@@ -68,35 +70,48 @@ def bench_shape(d_out: int, d_in: int, n_experts: int, params: OrthoMergeParams,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--shapes", default=None, help="comma-separated d_outxd_in (default: 4096x4096 on CPU, "
-                    "plus the Llama-8B shapes on CUDA)")
+    ap.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated d_outxd_in (default: 4096x4096 on CPU, plus the Llama-8B shapes on CUDA)",
+    )
     ap.add_argument("--experts", type=int, default=2)
     ap.add_argument("--variant", choices=["G", "C"], default="G")
     ap.add_argument("--residual", choices=["task_arithmetic", "ties", "tsvm"], default="task_arithmetic")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--repeats", type=int, default=1, help="time every step this many times (interleaved), keep "
-                    "the best: on a shared machine the least disturbed run")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="time every step this many times (interleaved), keep "
+        "the best: on a shared machine the least disturbed run",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = (args.shapes.split(",") if args.shapes else CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    shapes = args.shapes.split(",") if args.shapes else CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES
     params = OrthoMergeParams(variant=args.variant, residual_method=args.residual, lambda_=1.0 / args.experts)
     if device.type == "cuda":  # warm up cuSOLVER / cuBLAS handles outside the timings
         small = torch.randn(256, 256, device=device)
         torch.linalg.svd(small), torch.linalg.solve(small, small), decouple_merge(small, [small + 0.01], params)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"OrthoMerge decoupling, {args.experts} experts, variant {args.variant}, {args.residual}; {name}; "
-          f"torch {torch.__version__}; wall seconds\n")
+    print(
+        f"OrthoMerge decoupling, {args.experts} experts, variant {args.variant}, {args.residual}; {name}; "
+        f"torch {torch.__version__}; wall seconds\n"
+    )
     print("| shape (d_out x d_in) | SVD | solve | SVD + solve | decouple, all experts | per expert | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for shape in shapes:
         d_out, d_in = (int(x) for x in shape.lower().split("x"))
         t = bench_shape(d_out, d_in, args.experts, params, device, args.seed, args.repeats)
         ref = t["svd"] + t["solve"]
-        print(f"| {d_out} x {d_in} | {t['svd']:.2f} | {t['solve']:.2f} | {ref:.2f} | {t['decouple']:.2f} | "
-              f"{t['per_expert']:.2f} | {t['per_expert'] / ref:.2f} |", flush=True)
+        print(
+            f"| {d_out} x {d_in} | {t['svd']:.2f} | {t['solve']:.2f} | {ref:.2f} | {t['decouple']:.2f} | "
+            f"{t['per_expert']:.2f} | {t['per_expert'] / ref:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

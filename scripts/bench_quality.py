@@ -85,7 +85,8 @@ TASK_TEXT = {
     "shift": "`shift` (6 digits plus k, mod 10)",
 }
 DESCRIPTION = """\
-**Setup.** Synthetic capabilities (`scripts/quality/tasks.py`): {tasks}. A {size} `LlamaForCausalLM` is pretrained on one half of every
+**Setup.** Synthetic capabilities (`scripts/quality/tasks.py`): {tasks}. A {size} `LlamaForCausalLM` is pretrained on
+one half of every
 capability (table A only, positions 0–3, ascending sorts, k < 5), so it scores about 50 % on each task's
 full test distribution. One expert per capability is fine-tuned from it on that task's full
 distribution three ways: full fine-tuning ({full}), PEFT LoRA ({lora}), PEFT OFT ({oft}). Every
@@ -102,11 +103,21 @@ def describe(s: Settings, threads: int) -> str:
     def run(r: RunSpec, extra: str = "") -> str:
         return f"AdamW, {r.steps} steps × {r.batch}, lr {r.lr:g}{extra}"
 
-    return DESCRIPTION.format(
-        tasks=", ".join(TASK_TEXT[t] for t in s.tasks), size=size, full=run(s.full), lora=run(s.lora, f", r {s.lora_rank}, α {s.lora_alpha}, all projections"),
-        oft=run(s.oft, f", block {s.oft_block_size}, all projections"), n_test=s.n_test, n_val=s.n_val,
-        seed=s.seed, threads=threads,
-    ).replace("\n", " ").replace("  ", " ")
+    return (
+        DESCRIPTION.format(
+            tasks=", ".join(TASK_TEXT[t] for t in s.tasks),
+            size=size,
+            full=run(s.full),
+            lora=run(s.lora, f", r {s.lora_rank}, α {s.lora_alpha}, all projections"),
+            oft=run(s.oft, f", block {s.oft_block_size}, all projections"),
+            n_test=s.n_test,
+            n_val=s.n_val,
+            seed=s.seed,
+            threads=threads,
+        )
+        .replace("\n", " ")
+        .replace("  ", " ")
+    )
 
 
 class Clock:
@@ -149,14 +160,24 @@ def train_all(s: Settings, tasks, work: Path, sidecar_module: str | None, clock:
     clock.lap("full fine-tuning")
     for i, (name, task) in enumerate(tasks.items()):
         seed = s.seed + 1 + i
-        finetune_lora(base, task.train, s.lora, seq_len, seed, work / "lora" / name, work / "lora-folded" / name,
-                      s.lora_rank, s.lora_alpha)
+        finetune_lora(
+            base,
+            task.train,
+            s.lora,
+            seq_len,
+            seed,
+            work / "lora" / name,
+            work / "lora-folded" / name,
+            s.lora_rank,
+            s.lora_alpha,
+        )
         files["lora"][name] = {"path": str(work / "lora" / name), "folded": str(work / "lora-folded" / name)}
     clock.lap("LoRA fine-tuning")
     for i, (name, task) in enumerate(tasks.items()):
         seed = s.seed + 1 + i
-        finetune_oft(base, task.train, s.oft, seq_len, seed, work / "oft" / name, work / "oft-folded" / name,
-                     s.oft_block_size)
+        finetune_oft(
+            base, task.train, s.oft, seq_len, seed, work / "oft" / name, work / "oft-folded" / name, s.oft_block_size
+        )
         files["oft"][name] = {"path": str(work / "oft" / name), "folded": str(work / "oft-folded" / name)}
     clock.lap("OFT fine-tuning")
     if s.multitask:
@@ -187,8 +208,16 @@ def run_merges(entries, files, base: Path, tasks, experts_acc, work: Path, args)
     rows = []
     unavailable: dict[str, str] = {}
     for k, entry in enumerate(entries):
-        row = {"name": entry.name, "method": entry.method, "experts": entry.expert_set, "hyper": entry.hyper,
-               "lambda_rule": entry.lambda_rule, "status": "ok", "message": "", "seconds": 0.0}
+        row = {
+            "name": entry.name,
+            "method": entry.method,
+            "experts": entry.expert_set,
+            "hyper": entry.hyper,
+            "lambda_rule": entry.lambda_rule,
+            "status": "ok",
+            "message": "",
+            "seconds": 0.0,
+        }
         rows.append(row)
         if entry.method in unavailable:
             row.update(status="not available", message=unavailable[entry.method])
@@ -197,7 +226,9 @@ def run_merges(entries, files, base: Path, tasks, experts_acc, work: Path, args)
         val: dict[str, float] = {}  # λ -> mean validation accuracy
         merged: dict[str, Path] = {}
         for lam in entry.lambdas():
-            tag = f"{k:02d}-{entry.expert_set}-{entry.name}".replace(" ", "_").replace("+", "p") + (f"-l{lam:g}" if lam else "")
+            tag = f"{k:02d}-{entry.expert_set}-{entry.name}".replace(" ", "_").replace("+", "p") + (
+                f"-l{lam:g}" if lam else ""
+            )
             out = work / "merges" / tag
             shutil.rmtree(out, ignore_errors=True)
             try:
@@ -221,19 +252,28 @@ def run_merges(entries, files, base: Path, tasks, experts_acc, work: Path, args)
             continue
         best = max(val, key=val.get) if val else str(entry.lambdas()[0])  # first (the rule) wins ties
         test = accuracies(load_model(merged[best], base), tasks, "test")
-        row.update(test=test, avg=sum(test.values()) / len(test), val_by_lambda=val,
-                   **{"lambda": None if entry.lambda_rule is None else float(best)})
+        row.update(
+            test=test,
+            avg=sum(test.values()) / len(test),
+            val_by_lambda=val,
+            **{"lambda": None if entry.lambda_rule is None else float(best)},
+        )
         family = report.FAMILY[entry.expert_set]
-        norm = {t: (test[t] / experts_acc[family][t]["test"][t] if experts_acc[family][t]["test"][t] > 0 else None)
-                for t in tasks}
+        norm = {
+            t: (test[t] / experts_acc[family][t]["test"][t] if experts_acc[family][t]["test"][t] > 0 else None)
+            for t in tasks
+        }
         row["normalized"] = norm
         row["norm_avg"] = None if None in norm.values() else sum(norm.values()) / len(norm)
         if entry.lambda_rule is not None:
             rule = str(entry.lambdas()[0])
             rule_test = test if rule == best else accuracies(load_model(merged[rule], base), tasks, "test")
             row["rule_avg"] = sum(rule_test.values()) / len(rule_test)
-        print(f"  {entry.name} [{entry.expert_set}]: avg {100 * row['avg']:.1f}"
-              + (f" (λ {row['lambda']:g})" if row["lambda"] is not None else ""), flush=True)
+        print(
+            f"  {entry.name} [{entry.expert_set}]: avg {100 * row['avg']:.1f}"
+            + (f" (λ {row['lambda']:g})" if row["lambda"] is not None else ""),
+            flush=True,
+        )
     return rows
 
 
@@ -259,15 +299,28 @@ def _has_module(name: str, package_root: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="toy scale: 2 tasks, a 1-layer model, a few steps, 4 merges")
-    ap.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "quality", help="results.md, results.json, results.png")
+    ap.add_argument(
+        "--out-dir", type=Path, default=ROOT / "docs" / "quality", help="results.md, results.json, results.png"
+    )
     ap.add_argument("--work-dir", type=Path, default=ROOT / "bench_data" / "quality", help="models, configs, merges")
     ap.add_argument("--package-root", type=Path, default=ROOT, help="the streammerge checkout under test")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: on a shared 2-core machine, 2 threads ran ~5x slower per step)")
-    ap.add_argument("--reuse", action="store_true", help="keep trained models from an earlier run with the same settings")
-    ap.add_argument("--report-only", action="store_true",
-                    help="re-render results.md/.png from --out-dir/results.json (e.g. after editing quality/NOTES.md)")
-    ap.add_argument("--only", default="", help="comma-separated substrings: run only merges whose name or experts match")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared 2-core machine, 2 threads ran ~5x slower per step)",
+    )
+    ap.add_argument(
+        "--reuse", action="store_true", help="keep trained models from an earlier run with the same settings"
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-render results.md/.png from --out-dir/results.json (e.g. after editing quality/NOTES.md)",
+    )
+    ap.add_argument(
+        "--only", default="", help="comma-separated substrings: run only merges whose name or experts match"
+    )
     args = ap.parse_args(argv)
     args.package_root = args.package_root.resolve()
     sys.path.insert(0, str(args.package_root))
@@ -320,9 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     wall, cpu = clock.total()
     command = "python scripts/bench_quality.py" + (" --smoke" if args.smoke else "")
     results["settings"] = {
-        "command": command, "argv": shlex.join(sys.argv[1:]), "description": describe(s, args.threads),
+        "command": command,
+        "argv": shlex.join(sys.argv[1:]),
+        "description": describe(s, args.threads),
         "timing": f"{wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU" + (" (training reused)" if reuse else ""),
-        "stages": clock.stages, "reused_training": reuse, "settings": json.loads(fingerprint),
+        "stages": clock.stages,
+        "reused_training": reuse,
+        "settings": json.loads(fingerprint),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=1))

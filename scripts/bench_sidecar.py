@@ -24,8 +24,8 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from bench_merge import ROOT, add_shape_options, gb, llama_shapes, measure, torch_import_rss  # noqa: E402
 
-from streammerge.io.writer import ShardWriter, plan_shards  # noqa: E402
 from streammerge.io.safetensors_format import TensorSpec  # noqa: E402
+from streammerge.io.writer import ShardWriter, plan_shards  # noqa: E402
 
 
 def fake_second_moment(name: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -33,7 +33,9 @@ def fake_second_moment(name: str, shape: tuple[int, ...], seed: int = 0) -> torc
     return torch.randn(shape, generator=g).mul_(2.0).sub_(22.0).exp_()
 
 
-def build(folder: Path, shapes: dict[str, tuple[int, ...]], with_torch: bool, seed: int = 0) -> tuple[Path, Path | None]:
+def build(
+    folder: Path, shapes: dict[str, tuple[int, ...]], with_torch: bool, seed: int = 0
+) -> tuple[Path, Path | None]:
     folder.mkdir(parents=True, exist_ok=True)
     st = folder / "model.safetensors"
     if not (folder / ".complete").exists():
@@ -70,8 +72,10 @@ def main() -> None:
     st, pt = build(args.data_dir / tag, shapes, args.torch)
     torch_rss = torch_import_rss()
     budget = torch_rss + 3 * largest
-    print(f"\nset: {numel / 1e9:.3f} B fp32 exp_avg_sq values ({gb(numel * 4)}), {len(shapes)} tensors, largest "
-          f"{gb(largest)}; `import torch` RSS {gb(torch_rss)}; RSS budget (torch + 3 x largest) {gb(budget)}\n")
+    print(
+        f"\nset: {numel / 1e9:.3f} B fp32 exp_avg_sq values ({gb(numel * 4)}), {len(shapes)} tensors, largest "
+        f"{gb(largest)}; `import torch` RSS {gb(torch_rss)}; RSS budget (torch + 3 x largest) {gb(budget)}\n"
+    )
     print("| source | rank | wall s | CPU s | peak RSS | within budget | sidecar bytes | ratio to fp32 |")
     print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |", flush=True)
     out = args.data_dir / "runs"
@@ -79,13 +83,19 @@ def main() -> None:
     for src in [p for p in (st, pt) if p is not None]:
         for rank in args.ranks.split(","):
             target = out / f"{src.stem}-{rank}.sidecar"
-            code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import streammerge.sidecar as s; s.convert({str(src)!r}, {str(target)!r}, rank={rank!r}, "
-                    "overwrite=True)")
+            code = (
+                f"import sys; sys.path.insert(0, {str(ROOT)!r}); import streammerge.sidecar as s; s.convert("
+                f"{str(src)!r}, {str(target)!r}, rank={rank!r}, "
+                "overwrite=True)"
+            )
             wall, rss, rc, cpu = measure([sys.executable, "-c", code])
             size = target.stat().st_size if rc == 0 else 0
-            print(f"| {src.suffix[1:]} | {rank} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | "
-                  f"{'yes' if rss <= budget else 'NO'} | {size:,} | {size / (numel * 4):.3%} |"
-                  + ("" if rc == 0 else " FAILED"), flush=True)
+            print(
+                f"| {src.suffix[1:]} | {rank} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | "
+                f"{'yes' if rss <= budget else 'NO'} | {size:,} | {size / (numel * 4):.3%} |"
+                + ("" if rc == 0 else " FAILED"),
+                flush=True,
+            )
             target.unlink(missing_ok=True)
 
 

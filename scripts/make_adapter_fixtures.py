@@ -57,15 +57,26 @@ def oft_adapters(out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     specs = {
-        "oft-cayley-a": (dict(oft_block_size=8, use_cayley_neumann=False, target_modules=LINEAR + ["embed_tokens"]), 0.05),
-        "oft-cayley-b": (dict(oft_block_size=8, use_cayley_neumann=False, target_modules=LINEAR + ["embed_tokens"]), 0.05),
+        "oft-cayley-a": (
+            dict(oft_block_size=8, use_cayley_neumann=False, target_modules=LINEAR + ["embed_tokens"]),
+            0.05,
+        ),
+        "oft-cayley-b": (
+            dict(oft_block_size=8, use_cayley_neumann=False, target_modules=LINEAR + ["embed_tokens"]),
+            0.05,
+        ),
         "oft-neumann-a": (dict(oft_block_size=8, use_cayley_neumann=True, target_modules=LINEAR), 0.03),
         "oft-neumann-b": (dict(oft_block_size=8, use_cayley_neumann=True, target_modules=LINEAR), 0.03),
         # projection radius eps/sqrt(blocks): with 8 or 16 blocks and entries ~0.05 some blocks are clipped
         "oft-coft": (dict(oft_block_size=8, use_cayley_neumann=False, coft=True, eps=1.3, target_modules=LINEAR), 0.05),
-        "oft-blockshare": (dict(oft_block_size=8, use_cayley_neumann=False, block_share=True, target_modules=LINEAR), 0.05),
-        "oft-rank": (dict(r=4, oft_block_size=0, use_cayley_neumann=True, num_cayley_neumann_terms=4,
-                          target_modules=LINEAR), 0.02),
+        "oft-blockshare": (
+            dict(oft_block_size=8, use_cayley_neumann=False, block_share=True, target_modules=LINEAR),
+            0.05,
+        ),
+        "oft-rank": (
+            dict(r=4, oft_block_size=0, use_cayley_neumann=True, num_cayley_neumann_terms=4, target_modules=LINEAR),
+            0.02,
+        ),
     }
     for i, (name, (kwargs, std)) in enumerate(specs.items()):
         model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
@@ -81,8 +92,14 @@ def lora_adapters(out: Path) -> None:
     specs = {
         "lora-a": dict(r=4, lora_alpha=8, target_modules=LINEAR),
         "lora-b": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=LINEAR + ["embed_tokens"]),
-        "lora-c": dict(r=4, lora_alpha=8, target_modules=LINEAR, rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
-                       alpha_pattern={"down_proj": 3}, modules_to_save=["model.norm"]),
+        "lora-c": dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=LINEAR,
+            rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
+            alpha_pattern={"down_proj": 3},
+            modules_to_save=["model.norm"],
+        ),
     }
     for i, (name, kwargs) in enumerate(specs.items()):
         model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)

@@ -81,7 +81,10 @@ def expert_weights(base: dict[str, torch.Tensor], seed: int, scale: float = 0.02
 
 def save_hf_folder(folder: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype, keep_norms_fp32: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    cast = {n: (t if keep_norms_fp32 and n.endswith("norm.weight") else t.to(dtype)).contiguous() for n, t in tensors.items()}
+    cast = {
+        n: (t if keep_norms_fp32 and n.endswith("norm.weight") else t.to(dtype)).contiguous()
+        for n, t in tensors.items()
+    }
     names = list(cast)
     half = len(names) // 2
     shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}

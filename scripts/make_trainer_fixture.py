@@ -72,7 +72,10 @@ def build(out: Path) -> None:
         by_param = trainer.optimizer.state
         named = {n: by_param[p]["exp_avg_sq"].detach().clone() for n, p in model.named_parameters() if p in by_param}
         save_file(named, out / "tiny-exp-avg-sq.safetensors", metadata={"format": "pt"})
-    print(f"wrote {dest} ({sum(f.stat().st_size for f in dest.iterdir()):,} bytes) and {out / 'tiny-exp-avg-sq.safetensors'}")
+    print(
+        f"wrote {dest} ({sum(f.stat().st_size for f in dest.iterdir()):,} bytes) "
+        f"and {out / 'tiny-exp-avg-sq.safetensors'}"
+    )
 
 
 def main() -> None:

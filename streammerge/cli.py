@@ -28,7 +28,9 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
-        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        )
         try:
             return fn(*args, **kwargs)
         except StreamMergeError as e:
@@ -59,19 +61,43 @@ def main() -> None:
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]: where the math runs.")
-@click.option("--out-shard-size", default="5GB", show_default=True, help="Max bytes per output shard (e.g. 200MB, 5GB).")
-@click.option("--chunk-size", "chunk_elements", default=None, type=int,
-              help="Elements per chunk for elementwise methods (a multiple of 1048576).")
+@click.option(
+    "--out-shard-size", default="5GB", show_default=True, help="Max bytes per output shard (e.g. 200MB, 5GB)."
+)
+@click.option(
+    "--chunk-size",
+    "chunk_elements",
+    default=None,
+    type=int,
+    help="Elements per chunk for elementwise methods (a multiple of 1048576).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan and memory estimate; write nothing.")
-@click.option("--restart", is_flag=True, help="Discard an earlier unfinished (or different) merge in OUT_DIR and start over.")
+@click.option(
+    "--restart", is_flag=True, help="Discard an earlier unfinished (or different) merge in OUT_DIR and start over."
+)
 @click.option("--overwrite", is_flag=True, help="Replace the model files in a non-empty OUT_DIR.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs that hold NaN/Inf instead of refusing them.")
-@click.option("--sync-every", default="1GB", show_default=True,
-              help="Make the output durable (fsync) every this many bytes; 0: after every tensor; 'end': only at the end.")
+@click.option(
+    "--sync-every",
+    default="1GB",
+    show_default=True,
+    help="Make the output durable (fsync) every this many bytes; 0: after every tensor; 'end': only at the end.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @handle_errors
-def merge(config: Path, out_dir: Path, device: str, out_shard_size: str, chunk_elements: int | None,
-          dry_run: bool, restart: bool, overwrite: bool, allow_nonfinite: bool, sync_every: str, quiet: bool) -> None:
+def merge(
+    config: Path,
+    out_dir: Path,
+    device: str,
+    out_shard_size: str,
+    chunk_elements: int | None,
+    dry_run: bool,
+    restart: bool,
+    overwrite: bool,
+    allow_nonfinite: bool,
+    sync_every: str,
+    quiet: bool,
+) -> None:
     """Merge as CONFIG (a mergekit YAML) says into the Hugging Face folder OUT_DIR.
 
     Re-running the same command after an interruption resumes where it stopped."""
@@ -101,13 +127,17 @@ def merge(config: Path, out_dir: Path, device: str, out_shard_size: str, chunk_e
     for line in result.report:
         click.echo(line)
     if result.already_complete:
-        click.echo(f"{result.out_dir} already holds this merge, complete; nothing to do "
-                   f"(--restart to redo it, `streammerge verify {result.out_dir}` to check it)")
+        click.echo(
+            f"{result.out_dir} already holds this merge, complete; nothing to do "
+            f"(--restart to redo it, `streammerge verify {result.out_dir}` to check it)"
+        )
     elif not quiet:
         speed = fmt_bytes(int(result.bytes_written / max(result.seconds, 1e-9)))
         resumed = f" ({result.resumed_tensors} resumed from an earlier run)" if result.resumed_tensors else ""
-        click.echo(f"wrote {result.tensors} tensors{resumed}, {fmt_bytes(result.bytes_written)} to {result.out_dir} "
-                   f"in {result.seconds:.1f} s ({speed}/s)")
+        click.echo(
+            f"wrote {result.tensors} tensors{resumed}, {fmt_bytes(result.bytes_written)} to {result.out_dir} "
+            f"in {result.seconds:.1f} s ({speed}/s)"
+        )
 
 
 def _tune_allocator() -> None:
@@ -148,7 +178,13 @@ def _run_with_progress(plan, options):
 
     n = len(plan.tensors)
     total = sum(t.out.nbytes for t in plan.tensors)
-    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    ]
     name = plan.config.method.name
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(f"{name} 0/{n} tensors", total=total)
@@ -170,11 +206,13 @@ def _run_with_progress(plan, options):
                 calibrated[:] = [0, event.tensors]
             elif event.kind == "calibrate":
                 calibrated[0] += 1
-                bar.update(task, advance=event.nbytes,
-                           description=f"{name}: calibrating {calibrated[0]}/{calibrated[1]} tensors")
+                bar.update(
+                    task,
+                    advance=event.nbytes,
+                    description=f"{name}: calibrating {calibrated[0]}/{calibrated[1]} tensors",
+                )
                 if calibrated[0] == calibrated[1]:
-                    bar.reset(task, total=total, completed=total - left[0],
-                              description=f"{name} {done}/{n} tensors")
+                    bar.reset(task, total=total, completed=total - left[0], description=f"{name} {done}/{n} tensors")
             else:
                 done += 1
                 left[0] -= event.nbytes
@@ -197,7 +235,9 @@ def verify(out_dir: Path) -> None:
         click.echo(f"BAD {name}: {why}", err=True)
     if report.bad:
         _fail(f"{out_dir}: {len(report.bad)} problem(s) found; {report.checked} tensors checked")
-    click.echo(f"{out_dir}: {report.checked} tensors verified" + (" against the merge journal" if report.journal else ""))
+    click.echo(
+        f"{out_dir}: {report.checked} tensors verified" + (" against the merge journal" if report.journal else "")
+    )
 
 
 @main.command()
@@ -223,8 +263,13 @@ def inspect(path: Path) -> None:
         for name in ckpt.names():
             m = ckpt.meta(name)
             dtype = str(m.dtype).replace("torch.", "")
-            table.add_row(escape(one_line(name)), dtype, "x".join(map(str, m.shape)) or "scalar", f"{m.nbytes:,}",
-                          escape(one_line(m.file.name)))
+            table.add_row(
+                escape(one_line(name)),
+                dtype,
+                "x".join(map(str, m.shape)) or "scalar",
+                f"{m.nbytes:,}",
+                escape(one_line(m.file.name)),
+            )
             per_file[m.file.name] = per_file.get(m.file.name, 0) + m.nbytes
             by_dtype[dtype] = by_dtype.get(dtype, 0) + m.numel
         console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -235,6 +280,8 @@ def inspect(path: Path) -> None:
         console.print(f"{len(ckpt.names())} tensors in {len(per_file)} file(s); parameters: {params}")
     finally:
         ckpt.close()
+
+
 @main.group()
 def sidecar() -> None:
     """Second-moment sidecars (Adam exp_avg_sq per parameter) for OTA merging."""
@@ -243,10 +290,19 @@ def sidecar() -> None:
 @sidecar.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--rank", default="1", show_default=True,
-              help="exact, 1 (row and column sums: O(m+n) per matrix) or K (truncated SVD of rank K).")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
-              help="Model folder (config.json + weights) that names an optimizer.pt's integer ids.")
+@click.option(
+    "--rank",
+    default="1",
+    show_default=True,
+    help="exact, 1 (row and column sums: O(m+n) per matrix) or K (truncated SVD of rank K).",
+)
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Model folder (config.json + weights) that names an optimizer.pt's integer ids.",
+)
 @click.option("--dtype", "storage", default="fp32", show_default=True, help="Storage dtype: fp32, bf16 or fp16.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @handle_errors
@@ -265,8 +321,10 @@ def sidecar_convert(src: Path, out: Path, rank: str, model_dir: Path | None, sto
     result = convert(src, out, rank=rank, model=model_dir, dtype=dtypes[storage], overwrite=overwrite)
     ratio = result.stored_bytes / max(result.fp32_bytes, 1)
     named = f"; names from {result.names_from}" if result.names_from else ""
-    click.echo(f"wrote {result.out}: {result.tensors} tensors from a {result.kind}, {fmt_bytes(result.stored_bytes)} "
-               f"= {ratio:.2%} of {fmt_bytes(result.fp32_bytes)} fp32 exp_avg_sq{named}")
+    click.echo(
+        f"wrote {result.out}: {result.tensors} tensors from a {result.kind}, {fmt_bytes(result.stored_bytes)} "
+        f"= {ratio:.2%} of {fmt_bytes(result.fp32_bytes)} fp32 exp_avg_sq{named}"
+    )
 
 
 @sidecar.command("inspect")
@@ -291,14 +349,22 @@ def sidecar_inspect(file: Path) -> None:
             shape = sc.shape(name)
             nbytes, fp32 = sc.stored_bytes(name), 4 * math.prod(shape)
             stored, full = stored + nbytes, full + fp32
-            table.add_row(name, "x".join(map(str, shape)) or "scalar", sc.representation(name), f"{nbytes:,}",
-                          f"{fp32:,}", f"{nbytes / max(fp32, 1):.2%}")
+            table.add_row(
+                name,
+                "x".join(map(str, shape)) or "scalar",
+                sc.representation(name),
+                f"{nbytes:,}",
+                f"{fp32:,}",
+                f"{nbytes / max(fp32, 1):.2%}",
+            )
         console = Console() if sys.stdout.isatty() else Console(width=160)
         console.print(table)
         facts = ", ".join(f"{k}: {v}" for k, v in sc.metadata.items() if v is not None)
         console.print(f"metadata: {facts or 'none'}")
-        console.print(f"{len(sc.keys())} tensors: {fmt_bytes(stored)} stored, {fmt_bytes(full)} as fp32 exp_avg_sq "
-                      f"(ratio {stored / max(full, 1):.2%})")
+        console.print(
+            f"{len(sc.keys())} tensors: {fmt_bytes(stored)} stored, {fmt_bytes(full)} as fp32 exp_avg_sq "
+            f"(ratio {stored / max(full, 1):.2%})"
+        )
 
 
 if __name__ == "__main__":

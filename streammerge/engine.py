@@ -32,8 +32,14 @@ from .io.hf_files import write_model_card, write_model_files
 from .io.journal import Journal
 from .io.reader import Checkpoint
 from .io.writer import ShardWriter
-from .methods.base import (SECOND_MOMENT, SECOND_MOMENT_BIAS_CORRECTION, SECOND_MOMENT_RANK1, ChunkInputs,
-                           ExpertInput, Rank1Chunk)
+from .methods.base import (
+    SECOND_MOMENT,
+    SECOND_MOMENT_BIAS_CORRECTION,
+    SECOND_MOMENT_RANK1,
+    ChunkInputs,
+    ExpertInput,
+    Rank1Chunk,
+)
 from .output_dir import claim_output_dir
 from .planner import MergePlan, PlannedTensor, chunk_ranges
 from .sidecar import SecondMoments
@@ -169,7 +175,7 @@ def _inputs(plan: MergePlan, tensor: PlannedTensor, params, model_params, start:
         ExpertInput(_loader(ckpt, name, start, count, device, finite), mp,
                     {**_second_moment_loaders(sc, name, start, count, device), **ckpt.aux(name)}, ckpt.kind,
                     None if finite else _stored_loader(ckpt, name, start, count, device))
-        for ckpt, mp, sc in zip(plan.experts, model_params, sidecars)
+        for ckpt, mp, sc in zip(plan.experts, model_params, sidecars, strict=False)
     ]
     return ChunkInputs(name, tensor.out.shape, start, base, experts, params, plan.config.seed, state, device, run)
 
@@ -306,14 +312,22 @@ def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: Pr
         with ShardWriter(plan.out_dir, plan.shards, done) as writer:
             computed = _merge_all(plan, options, writer, claim.journal, progress, run)
             write_model_files(plan.reference.folder, plan.out_dir, plan.config.out_dtype or plan.config.dtype)
-            write_model_card(plan.out_dir, plan.config.source, plan.config.method.name, [str(p) for p in plan.config.inputs])
+            inputs = [str(p) for p in plan.config.inputs]
+            write_model_card(plan.out_dir, plan.config.source, plan.config.method.name, inputs)
             writer.finalize()
         claim.journal.complete()
     report = run.report() if run is not None else []
     for line in report:
         log.info("%s", line)
-    return MergeResult(plan.out_dir, total, plan.output_bytes, time.perf_counter() - t0,
-                       resumed_tensors=total - computed, computed_tensors=computed, report=report)
+    return MergeResult(
+        plan.out_dir,
+        total,
+        plan.output_bytes,
+        time.perf_counter() - t0,
+        resumed_tensors=total - computed,
+        computed_tensors=computed,
+        report=report,
+    )
 
 
 def _start_run(plan: MergePlan, options: MergeOptions, done: dict, progress: ProgressFn | None):
@@ -325,8 +339,9 @@ def _start_run(plan: MergePlan, options: MergeOptions, done: dict, progress: Pro
     if method.start_run is None or not merged or all(t.out.name in done for t in plan.tensors):
         return None
     run = method.start_run(len(plan.experts), options.device)
-    _, model_params = resolve_parameters(plan.config, merged[0].out.name,
-                                         layer_position(merged[0].out.name, plan.num_layers))
+    _, model_params = resolve_parameters(
+        plan.config, merged[0].out.name, layer_position(merged[0].out.name, plan.num_layers)
+    )
     if run.needs_calibration(model_params):
         if progress is not None:
             progress(ProgressEvent("calibrate_start", nbytes=sum(t.out.nbytes for t in merged), tensors=len(merged)))
@@ -342,8 +357,9 @@ def _start_run(plan: MergePlan, options: MergeOptions, done: dict, progress: Pro
     return run
 
 
-def _merge_all(plan: MergePlan, options: MergeOptions, writer: ShardWriter, journal: Journal,
-               progress: ProgressFn | None, run=None) -> int:
+def _merge_all(
+    plan: MergePlan, options: MergeOptions, writer: ShardWriter, journal: Journal, progress: ProgressFn | None, run=None
+) -> int:
     """The loop: every tensor not yet done is computed, written and journaled. Returns how many."""
     todo = [t for t in plan.tensors if t.out.name not in writer.done]
     since_sync = 0

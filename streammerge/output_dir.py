@@ -24,8 +24,18 @@ import torch
 
 from . import __version__
 from .errors import OutputError
-from .io.journal import STATE_DIR, Journal, JournalState, OutputLock, TensorRecord, describe_changes, \
-    fingerprint, journal_path, plan_summary, read_journal
+from .io.journal import (
+    STATE_DIR,
+    Journal,
+    JournalState,
+    OutputLock,
+    TensorRecord,
+    describe_changes,
+    fingerprint,
+    journal_path,
+    plan_summary,
+    read_journal,
+)
 from .io.writer import INDEX_NAME, ShardPlan, bytes_to_allocate, check_records
 from .planner import fmt_bytes
 
@@ -111,8 +121,15 @@ def claim_output_dir(plan: MergePlan, options: MergeOptions) -> Iterator[Claim]:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a folder")
     existed = out_dir.exists()
-    if existed and _out_files(out_dir) and not (out_dir / STATE_DIR).is_dir() and not (options.overwrite or options.restart):
-        raise OutputError(f"{out_dir}: is not empty; choose a new folder or pass --overwrite to replace its model files")
+    if (
+        existed
+        and _out_files(out_dir)
+        and not (out_dir / STATE_DIR).is_dir()
+        and not (options.overwrite or options.restart)
+    ):
+        raise OutputError(
+            f"{out_dir}: is not empty; choose a new folder or pass --overwrite to replace its model files"
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -120,8 +137,9 @@ def claim_output_dir(plan: MergePlan, options: MergeOptions) -> Iterator[Claim]:
     lock = OutputLock(out_dir).acquire()
     claim = Claim(stale_lock=lock.stale_holder)
     try:
-        summary = plan_summary(plan.config.source, plan_options(plan, options), plan.input_files(),
-                               len(plan.tensors), plan.output_bytes)
+        summary = plan_summary(
+            plan.config.source, plan_options(plan, options), plan.input_files(), len(plan.tensors), plan.output_bytes
+        )
         state = read_journal(out_dir)
         if options.overwrite or options.restart:
             _discard(out_dir)
@@ -150,4 +168,3 @@ def claim_output_dir(plan: MergePlan, options: MergeOptions) -> Iterator[Claim]:
         if claim.journal is not None:
             claim.journal.close()
         lock.release()
-

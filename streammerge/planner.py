@@ -17,11 +17,11 @@ import torch
 
 from .config import LAYER_RE, MergeConfig, same_path
 from .errors import PlanError
+from .experts import AdapterExpert, is_adapter
 from .io.hf_files import COPIED_FILES
+from .io.peft_adapters import open_adapter
 from .io.reader import Checkpoint, TensorMeta, check_model_file, open_checkpoint
 from .io.writer import OutputTensor, ShardPlan, plan_shards
-from .experts import AdapterExpert, is_adapter
-from .io.peft_adapters import open_adapter
 from .second_moments import describe as describe_second_moments
 from .second_moments import open_second_moments
 from .sidecar import SecondMoments
@@ -128,7 +128,9 @@ def check_files_outside_output(out_dir: Path, checkpoints: list[Checkpoint]) -> 
     for ckpt in checkpoints:
         for f in ckpt.files:
             if out in f.resolve().parents:
-                raise PlanError(f"{f}: leads to {f.resolve()}, inside the output folder {out_dir}; choose another output folder")
+                raise PlanError(
+                    f"{f}: leads to {f.resolve()}, inside the output folder {out_dir}; choose another output folder"
+                )
 
 
 def dtype_kind(dtype: torch.dtype) -> str:
@@ -200,8 +202,10 @@ def make_plan(
 
     try:
         if config.base_model is not None and is_adapter(config.base_model):
-            raise PlanError(f"base_model {config.base_model}: is a PEFT adapter; base_model must be the full model "
-                            "the adapters were trained on")
+            raise PlanError(
+                f"base_model {config.base_model}: is a PEFT adapter; base_model must be the full model "
+                "the adapters were trained on"
+            )
         base = get(config.base_model) if config.base_model and config.method.base_model != "unused" else None
         experts = [expert(m.path) for m in config.experts]
         _check_unused_base(config, experts)
@@ -212,7 +216,7 @@ def make_plan(
         tensors = []
         for name in sorted(reference.names(), key=_tensor_order):
             meta = reference.meta(name)
-            for entry, ckpt in zip(config.experts, experts):
+            for entry, ckpt in zip(config.experts, experts, strict=False):
                 if name not in ckpt:
                     raise PlanError(f"model {entry.path} has no tensor {name!r} (present in {meta.file})")
                 _check_matches(name, meta, ckpt.meta(name), entry.path)
@@ -250,8 +254,11 @@ def describe_plan(plan: MergePlan) -> list[str]:
         f"method      {cfg.method.name}",
         f"base        {cfg.base_model or '-'}",
         *[f"expert      {e.path}" for e in cfg.experts],
-        *(describe_second_moments(cfg, [t.out for t in plan.tensors if t.merged], plan.second_moments)
-          if any(sc is not None for sc in plan.second_moments) else []),
+        *(
+            describe_second_moments(cfg, [t.out for t in plan.tensors if t.merged], plan.second_moments)
+            if any(sc is not None for sc in plan.second_moments)
+            else []
+        ),
         f"tensors     {len(plan.tensors)} ({sum(not t.merged for t in plan.tensors)} copied), "
         f"{plan.num_layers} layers, out dtype {', '.join(dtypes)}",
         f"output      {fmt_bytes(plan.output_bytes)} in {len(plan.shards)} shard(s) -> {plan.out_dir}",
@@ -273,4 +280,3 @@ def fmt_bytes(n: int) -> str:
 def chunk_ranges(numel: int, chunk: int) -> list[tuple[int, int]]:
     """Flat ``(start, count)`` ranges covering ``numel`` elements."""
     return [(s, min(chunk, numel - s)) for s in range(0, numel, chunk)] or [(0, 0)]
-

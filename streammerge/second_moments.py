@@ -51,12 +51,13 @@ def open_second_moments(config: MergeConfig, tensors: list[OutputTensor]) -> lis
 def describe(config: MergeConfig, tensors: list[OutputTensor], sidecars: list[SecondMoments | None]) -> list[str]:
     """Dry-run lines: per expert, its sidecar and how many merged tensors it has no second moment for."""
     lines = []
-    for entry, sc in zip(config.experts, sidecars):
+    for entry, sc in zip(config.experts, sidecars, strict=False):
         if sc is None:
             lines.append(f"sidecar     {entry.path}: none (every tensor merged without second moments)")
             continue
         missing = [t.name for t in tensors if t.name not in sc]
         note = f", {len(missing)} merged tensors without (e.g. {missing[0]})" if missing else ""
-        lines.append(f"sidecar     {entry.path}: {entry.extra['sidecar']} ({len(tensors) - len(missing)} tensors{note})")
+        lines.append(
+            f"sidecar     {entry.path}: {entry.extra['sidecar']} ({len(tensors) - len(missing)} tensors{note})"
+        )
     return lines
-

@@ -198,7 +198,8 @@ class RawSecondMoments(SecondMoments):
         for name in self._ckpt.names():
             if not self._ckpt.meta(name).dtype.is_floating_point:
                 self._ckpt.close()
-                raise CheckpointError(f"{self.path}: tensor {name!r} is {self._ckpt.meta(name).dtype}, not a second moment")
+                dtype = self._ckpt.meta(name).dtype
+                raise CheckpointError(f"{self.path}: tensor {name!r} is {dtype}, not a second moment")
         self.metadata = {"source": str(self.path), "optimizer": None, **_numeric_metadata(self._ckpt.metadata)}
 
     def keys(self) -> list[str]:
@@ -251,8 +252,10 @@ def load(path: str | os.PathLike) -> SecondMoments:
         return Sidecar(p)
     if p.suffix == ".safetensors":
         return RawSecondMoments(p)
-    raise CheckpointError(f"{p}: not a streammerge sidecar (bad magic bytes) nor a .safetensors file; "
-                          "convert it with 'streammerge sidecar convert'")
+    raise CheckpointError(
+        f"{p}: not a streammerge sidecar (bad magic bytes) nor a .safetensors file; "
+        "convert it with 'streammerge sidecar convert'"
+    )
 
 
 def parse_rank(rank: Rank | str) -> int | None:
@@ -274,13 +277,21 @@ def _checked(name: str, v: torch.Tensor, where: Path) -> torch.Tensor:
     if v.numel():
         lo, hi = torch.aminmax(v)
         if not (lo >= 0 and torch.isfinite(hi)):  # NaN fails both comparisons
-            raise CheckpointError(f"{where}: second moment {name!r} has negative, NaN or infinite values "
-                                  f"(min {float(lo):g}, max {float(hi):g}); the optimizer state is corrupt")
+            raise CheckpointError(
+                f"{where}: second moment {name!r} has negative, NaN or infinite values "
+                f"(min {float(lo):g}, max {float(hi):g}); the optimizer state is corrupt"
+            )
     return v
 
 
-def _write(out: Path, items: Iterator[tuple[str, torch.Tensor, int | None]], rank: int | None, dtype: StorageDtype,
-           metadata: dict[str, Any], where: Path) -> Path:
+def _write(
+    out: Path,
+    items: Iterator[tuple[str, torch.Tensor, int | None]],
+    rank: int | None,
+    dtype: StorageDtype,
+    metadata: dict[str, Any],
+    where: Path,
+) -> Path:
     with SidecarWriter(out, dtype) as writer:
         for name, v, step in items:
             writer.add(name, factorize(_checked(name, v, where), rank), step)
@@ -307,8 +318,15 @@ def _refuse_same_file(src: Path, out: Path) -> None:
         raise OutputError(f"{out}: is a folder; the sidecar is one file, e.g. {out / 'exp_avg_sq.sidecar'}")
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, rank: Rank = 1, model: str | os.PathLike | None = None,
-            dtype: StorageDtype = "F32", overwrite: bool = False, use_transformers: bool = True) -> ConvertResult:
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    rank: Rank = 1,
+    model: str | os.PathLike | None = None,
+    dtype: StorageDtype = "F32",
+    overwrite: bool = False,
+    use_transformers: bool = True,
+) -> ConvertResult:
     """Convert second moments at ``src`` into the sidecar file ``out``, streaming one tensor at a time.
 
     ``src``: a name-keyed exp_avg_sq ``.safetensors`` file, a ``.pt``/``.bin`` torch file (name-keyed
@@ -331,12 +349,24 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, rank: Rank = 1, mode
         source.close()
     with Sidecar(out_p) as sc:
         records = [sc.record(n) for n in sc.keys()]
-    return ConvertResult(out_p, source.kind, len(records), sum(r.stored_bytes for r in records),
-                         sum(r.numel * 4 for r in records), source.metadata.get("names_from"))
+    return ConvertResult(
+        out_p,
+        source.kind,
+        len(records),
+        sum(r.stored_bytes for r in records),
+        sum(r.numel * 4 for r in records),
+        source.metadata.get("names_from"),
+    )
 
 
-def export(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike, rank: Rank = 1,
-           dtype: StorageDtype = "F32", source: str | None = None) -> Path:
+def export(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    path: str | os.PathLike,
+    rank: Rank = 1,
+    dtype: StorageDtype = "F32",
+    source: str | None = None,
+) -> Path:
     """Write the second moments of a live ``torch.optim.Adam``/``AdamW`` (or any optimizer whose state has
     ``exp_avg_sq``) as a sidecar at ``path``, named by ``model.named_parameters()``.
 
@@ -357,9 +387,12 @@ def export(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str |
     items, beta2_by_param = _live_states(model, optimizer)
     steps = {_state_step(optimizer.state[p]) for _, p in items}
     betas = {beta2_by_param.get(id(p)) for _, p in items}
-    metadata = {"source": source or type(model).__name__, "optimizer": type(optimizer).__name__,
-                "step": steps.pop() if len(steps) == 1 else None,
-                "beta2": betas.pop() if len(betas) == 1 else None}
+    metadata = {
+        "source": source or type(model).__name__,
+        "optimizer": type(optimizer).__name__,
+        "step": steps.pop() if len(steps) == 1 else None,
+        "beta2": betas.pop() if len(betas) == 1 else None,
+    }
 
     def tensors() -> Iterator[tuple[str, torch.Tensor, int | None]]:
         for name, p in items:
@@ -369,8 +402,9 @@ def export(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str |
     return _write(Path(path), tensors(), k, dtype, metadata, Path(path))
 
 
-def _live_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer
-                 ) -> tuple[list[tuple[str, torch.nn.Parameter]], dict[int, float]]:
+def _live_states(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[list[tuple[str, torch.nn.Parameter]], dict[int, float]]:
     """(name, parameter) pairs that have a full exp_avg_sq, in ``named_parameters()`` order; β₂ by id(param)."""
     beta2_by_param: dict[int, float] = {}
     for group in optimizer.param_groups:
@@ -392,10 +426,14 @@ def _live_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer
             )
         items.append((name, p))
     if skipped:
-        log.warning("export: %d parameters have no exp_avg_sq (frozen or never stepped), e.g. %s", len(skipped), skipped[0])
+        log.warning(
+            "export: %d parameters have no exp_avg_sq (frozen or never stepped), e.g. %s", len(skipped), skipped[0]
+        )
     if not items:
-        raise StreamMergeError(f"export: {type(optimizer).__name__} holds no exp_avg_sq for any parameter of the model; "
-                               "export after at least one optimizer step")
+        raise StreamMergeError(
+            f"export: {type(optimizer).__name__} holds no exp_avg_sq for any parameter of the model; "
+            "export after at least one optimizer step"
+        )
     return items, beta2_by_param
 
 

@@ -19,7 +19,15 @@ pytest.importorskip("peft")
 
 def test_smoke_pipeline(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--smoke", "--out-dir", str(out), "--work-dir", str(work)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench_quality.py"),
+        "--smoke",
+        "--out-dir",
+        str(out),
+        "--work-dir",
+        str(work),
+    ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

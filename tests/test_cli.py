@@ -7,10 +7,8 @@ import sys
 
 import pytest
 import torch
-
-from conftest import FIXTURES, load_folder, snapshot
-
 from click.testing import CliRunner
+from conftest import FIXTURES, load_folder, snapshot
 
 from streammerge.cli import main
 
@@ -73,7 +71,11 @@ def test_dry_run_writes_nothing(tmp_path):
 
 def test_inspect_lists_tensors():
     r = run("inspect", FIXTURES / "tiny-llama-base")
-    assert r.returncode == 0 and "model.layers.1.mlp.down_proj.weight" in r.stdout and "21 tensors in 2 file(s)" in r.stdout
+    assert (
+        r.returncode == 0
+        and "model.layers.1.mlp.down_proj.weight" in r.stdout
+        and "21 tensors in 2 file(s)" in r.stdout
+    )
 
 
 def _empty(tmp_path):
@@ -84,6 +86,7 @@ def _empty(tmp_path):
 def _mismatched_expert(tmp_path):
     (bad,) = [shutil.copytree(FIXTURES / "tiny-llama-math", tmp_path / "bad")]
     from safetensors.torch import load_file, save_file
+
     shard = bad / "model-00001-of-00002.safetensors"
     tensors = load_file(shard)
     name = sorted(tensors)[0]
@@ -95,13 +98,27 @@ def _mismatched_expert(tmp_path):
 BAD_INPUTS = {
     "missing config": lambda tmp: ([tmp / "nope.yaml"], "cannot read config"),
     "missing model": lambda tmp: ([_config(tmp, FIXTURES / "tiny-llama-base", [tmp / "ghost"])], "does not exist"),
-    "folder without weights": lambda tmp: ([_config(tmp, FIXTURES / "tiny-llama-base", [_empty(tmp)])], "no model weights"),
-    "unknown method": lambda tmp: ([_config(tmp, FIXTURES / "tiny-llama-base", [FIXTURES / "tiny-llama-math"], method="magic")], "unknown merge_method"),
-    "unknown parameter": lambda tmp: ([_config(tmp, FIXTURES / "tiny-llama-base", [FIXTURES / "tiny-llama-math"], extra="parameters: {gamma: 1}")], "unknown parameter 'gamma'"),
+    "folder without weights": lambda tmp: (
+        [_config(tmp, FIXTURES / "tiny-llama-base", [_empty(tmp)])],
+        "no model weights",
+    ),
+    "unknown method": lambda tmp: (
+        [_config(tmp, FIXTURES / "tiny-llama-base", [FIXTURES / "tiny-llama-math"], method="magic")],
+        "unknown merge_method",
+    ),
+    "unknown parameter": lambda tmp: (
+        [_config(tmp, FIXTURES / "tiny-llama-base", [FIXTURES / "tiny-llama-math"], extra="parameters: {gamma: 1}")],
+        "unknown parameter 'gamma'",
+    ),
     "bad yaml": lambda tmp: ([(tmp / "c.yaml", (tmp / "c.yaml").write_text("merge_method: [\n"))[0]], "invalid YAML"),
-    "shape mismatch": lambda tmp: ([_config(tmp, FIXTURES / "tiny-llama-base", [_mismatched_expert(tmp)[0]])], "differs from"),
-    "linear base not in models": lambda tmp: ([_linear_config(tmp, FIXTURES / "tiny-llama-base", [FIXTURES / "tiny-llama-math"])],
-                                              "does not use a base model"),
+    "shape mismatch": lambda tmp: (
+        [_config(tmp, FIXTURES / "tiny-llama-base", [_mismatched_expert(tmp)[0]])],
+        "differs from",
+    ),
+    "linear base not in models": lambda tmp: (
+        [_linear_config(tmp, FIXTURES / "tiny-llama-base", [FIXTURES / "tiny-llama-math"])],
+        "does not use a base model",
+    ),
 }
 
 
@@ -114,7 +131,9 @@ def _linear_config(tmp_path, base, models):
 
 def test_linear_with_its_base_listed_under_models_merges_it(tmp_path):
     # mergekit's usual form: the base_model is also one of the weighted models, and is averaged in
-    cfg = _linear_config(tmp_path, FIXTURES / "tiny-llama-base", [FIXTURES / "tiny-llama-base", FIXTURES / "tiny-llama-math"])
+    cfg = _linear_config(
+        tmp_path, FIXTURES / "tiny-llama-base", [FIXTURES / "tiny-llama-base", FIXTURES / "tiny-llama-math"]
+    )
     assert run("merge", cfg, tmp_path / "out", "-q").returncode == 0
     got = load_folder(tmp_path / "out")
     a, b = load_folder(FIXTURES / "tiny-llama-base"), load_folder(FIXTURES / "tiny-llama-math")

@@ -1,9 +1,8 @@
 import pytest
+from conftest import FIXTURES
 
 from streammerge.config import evaluate, layer_position, parse_config, resolve_parameters
 from streammerge.errors import ConfigError
-
-from conftest import FIXTURES
 
 BASE = str(FIXTURES / "tiny-llama-base")
 MATH = str(FIXTURES / "tiny-llama-math")
@@ -21,7 +20,11 @@ MATH = str(FIXTURES / "tiny-llama-math")
     (["a", "b"], "x", 0.9, "a"),
 ])
 def test_evaluate_follows_mergekit(setting, tensor, t, expected):
-    assert evaluate(setting, tensor, t) == pytest.approx(expected) if expected is not None else evaluate(setting, tensor, t) is None
+    assert (
+        evaluate(setting, tensor, t) == pytest.approx(expected)
+        if expected is not None
+        else evaluate(setting, tensor, t) is None
+    )
 
 
 def test_layer_position():
@@ -34,12 +37,12 @@ def test_layer_position():
 
 def _cfg(**over):
     text = f"""
-merge_method: {over.get('method', 'ties')}
+merge_method: {over.get("method", "ties")}
 base_model: {BASE}
 models:
   - model: {MATH}
-    parameters: {over.get('model_params', '{weight: 1.0}')}
-parameters: {over.get('params', '{}')}
+    parameters: {over.get("model_params", "{weight: 1.0}")}
+parameters: {over.get("params", "{}")}
 """
     return parse_config(text)
 
@@ -50,14 +53,17 @@ def test_resolution_order_model_then_global_then_default():
     assert (mp.weight, mp.density, glob.lambda_, glob.normalize) == (0.5, 0.3, 2.0, True)
 
 
-@pytest.mark.parametrize("over,needle", [
-    ({"method": "nope"}, "unknown merge_method 'nope'"),
-    ({"params": "{bogus: 1}"}, "unknown parameter 'bogus'"),
-    ({"model_params": "{weight: 1, normalize: true}"}, "unknown per-model parameter 'normalize'"),
-    ({"model_params": "{density: 0.5}"}, "missing required parameter 'weight'"),
-    ({"model_params": "{weight: yes_please}"}, "weight must be a number"),
-    ({"params": "{normalize: 3}"}, "normalize must be true or false"),
-])
+@pytest.mark.parametrize(
+    "over,needle",
+    [
+        ({"method": "nope"}, "unknown merge_method 'nope'"),
+        ({"params": "{bogus: 1}"}, "unknown parameter 'bogus'"),
+        ({"model_params": "{weight: 1, normalize: true}"}, "unknown per-model parameter 'normalize'"),
+        ({"model_params": "{density: 0.5}"}, "missing required parameter 'weight'"),
+        ({"model_params": "{weight: yes_please}"}, "weight must be a number"),
+        ({"params": "{normalize: 3}"}, "normalize must be true or false"),
+    ],
+)
 def test_bad_configs_name_the_problem(over, needle):
     with pytest.raises(ConfigError, match=needle):
         _cfg(**over)

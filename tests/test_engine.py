@@ -1,10 +1,10 @@
 import pytest
 import torch
+from conftest import FIXTURES, load_folder, save_folder, snapshot
 
 import streammerge
-from conftest import FIXTURES, load_folder, save_folder, snapshot
-from streammerge.errors import StreamMergeError
 from streammerge.engine import resolve_device
+from streammerge.errors import StreamMergeError
 
 BASE, A, B = (str(FIXTURES / f"tiny-llama-fp32-{k}") for k in ("base", "a", "b"))
 
@@ -24,19 +24,28 @@ def wide_models(tmp_path_factory):
     base = {"w": torch.randn(1500, 2048, generator=g), "b": torch.randn(7, generator=g)}
     paths = [save_folder(root / "base", base)]
     for i in range(2):
-        paths.append(save_folder(root / f"e{i}", {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}))
+        paths.append(
+            save_folder(root / f"e{i}", {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+        )
     return [str(p) for p in paths]
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "task_arithmetic"])
 def test_output_bytes_do_not_depend_on_chunk_size(tmp_path, wide_models, method):
     base, e0, e1 = wide_models
-    cfg = {"merge_method": method, "base_model": base, "seed": 3, "out_dtype": "bfloat16",
-           "models": [{"model": e0, "parameters": {"weight": 0.7}}, {"model": e1, "parameters": {"weight": 0.5}}],
-           "parameters": {"density": 0.4} if method != "task_arithmetic" else {}}
+    cfg = {
+        "merge_method": method,
+        "base_model": base,
+        "seed": 3,
+        "out_dtype": "bfloat16",
+        "models": [{"model": e0, "parameters": {"weight": 0.7}}, {"model": e1, "parameters": {"weight": 0.5}}],
+        "parameters": {"density": 0.4} if method != "task_arithmetic" else {},
+    }
     streammerge.merge(cfg, tmp_path / "a", chunk_elements=1 << 22)
     streammerge.merge(cfg, tmp_path / "b", chunk_elements=1 << 20)
-    assert snapshot(tmp_path / "a") == {k.replace(f"{tmp_path}/b", f"{tmp_path}/a"): v for k, v in snapshot(tmp_path / "b").items()}
+    assert snapshot(tmp_path / "a") == {
+        k.replace(f"{tmp_path}/b", f"{tmp_path}/a"): v for k, v in snapshot(tmp_path / "b").items()
+    }
 
 
 def test_same_config_and_seed_give_same_bytes_other_seed_differs(tmp_path):

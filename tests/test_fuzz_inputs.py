@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import FIXTURES, snapshot
 from safetensors import safe_open
 
-from conftest import FIXTURES, snapshot
 from streammerge.cli import main
 from streammerge.errors import CheckpointError
 from streammerge.io.reader import open_checkpoint
@@ -213,7 +213,9 @@ def mutate_header(rng: random.Random, blob: bytes) -> tuple[bytes, str]:
         cut = rng.choice([rng.randrange(8), rng.randrange(8, 8 + n), rng.randrange(8 + n, len(blob))])
         return blob[:cut], f"truncate to {cut} bytes"
     if roll < 0.94:
-        new = rng.choice([0, 1, n - 1, n + 1, n - 8, n + 8, len(blob) - 8, len(blob), 100_000_001, 2**64 - 1, rng.randrange(2**32)])
+        new = rng.choice(
+            [0, 1, n - 1, n + 1, n - 8, n + 8, len(blob) - 8, len(blob), 100_000_001, 2**64 - 1, rng.randrange(2**32)]
+        )
         return struct.pack("<Q", new) + blob[8:], f"header length {n} -> {new}"
     pos = rng.randrange(8, 8 + n)
     if rng.random() < 0.5:
@@ -238,9 +240,26 @@ def mutate_index(rng: random.Random, raw: bytes, folder: Path, outside: Path) ->
     index = json.loads(raw)
     wm = index["weight_map"]
     name = rng.choice(sorted(wm))
-    variant = rng.choice(["drop entry", "rename key", "other shard", "shard name", "shard name", "add entry",
-                          "weight_map", "top level", "metadata", "metadata", "reformat", "reformat",
-                          "duplicate key", "nested", "surrogate key", "filesystem"])
+    variant = rng.choice(
+        [
+            "drop entry",
+            "rename key",
+            "other shard",
+            "shard name",
+            "shard name",
+            "add entry",
+            "weight_map",
+            "top level",
+            "metadata",
+            "metadata",
+            "reformat",
+            "reformat",
+            "duplicate key",
+            "nested",
+            "surrogate key",
+            "filesystem",
+        ]
+    )
     dup = None
     if variant == "drop entry":
         del wm[name]
@@ -249,9 +268,26 @@ def mutate_index(rng: random.Random, raw: bytes, folder: Path, outside: Path) ->
     elif variant == "other shard":
         wm[name] = next(s for s in SHARDS if s != wm[name])
     elif variant == "shard name":
-        wm[name] = rng.choice(["missing.safetensors", "../" + wm[name], f"../{folder.name}/{wm[name]}", str(outside),
-                               str(folder / wm[name]), "", "./" + wm[name], "sub/../" + wm[name], "a\x00b",
-                               "x" * 5000, ".", "/", 7, None, [wm[name]], {"f": 1}])
+        wm[name] = rng.choice(
+            [
+                "missing.safetensors",
+                "../" + wm[name],
+                f"../{folder.name}/{wm[name]}",
+                str(outside),
+                str(folder / wm[name]),
+                "",
+                "./" + wm[name],
+                "sub/../" + wm[name],
+                "a\x00b",
+                "x" * 5000,
+                ".",
+                "/",
+                7,
+                None,
+                [wm[name]],
+                {"f": 1},
+            ]
+        )
     elif variant == "add entry":
         wm["not.in.any.shard"] = rng.choice(SHARDS)
     elif variant == "weight_map":
@@ -280,7 +316,9 @@ def mutate_index(rng: random.Random, raw: bytes, folder: Path, outside: Path) ->
         wm[name] = target.name
         variant = f"filesystem: {kind}"
     if variant == "nested":
-        text = json.dumps({**index, "metadata": None}).replace('"metadata": null', '"metadata": ' + "[" * 5000 + "]" * 5000)
+        text = json.dumps({**index, "metadata": None}).replace(
+            '"metadata": null', '"metadata": ' + "[" * 5000 + "]" * 5000
+        )
     else:
         text = json.dumps(index, indent=rng.choice([None, 2]))
     if dup is not None:
@@ -290,6 +328,7 @@ def mutate_index(rng: random.Random, raw: bytes, folder: Path, outside: Path) ->
 
 # ---------------------------------------------------------------------------------------------
 # The property.
+
 
 def claimed_tensors(blob: bytes) -> dict[str, tuple[torch.dtype, tuple[int, ...], bytes]]:
     """What a header that streammerge accepted claims: name -> (dtype, shape, bytes), parsed here."""
@@ -365,7 +404,10 @@ def run_cli(*args) -> tuple[int, str]:
 
 def cli_refuses(model: Path, culprit: Path, base: Path, tmp: Path, what: str) -> None:
     cfg = tmp / "cfg.yaml"
-    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\n")
+    cfg.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+        f"  - model: {model}\n    parameters: {{weight: 1.0}}\n"
+    )
     before = snapshot(tmp)
     out = tmp / "out"
     for args in (("inspect", model), ("merge", cfg, out, "-q")):
@@ -421,13 +463,22 @@ def test_fuzzed_headers_and_indexes(tmp_path, alarm):
 
     assert open_fds() == fds, "a refused checkpoint leaked file descriptors"
     for name, counts in stats.items():
-        print(f"\n{name}: {sum(counts.values())} mutations, {counts['valid']} valid; refused by kind:",
-              dict(sorted(((k, v) for k, v in counts.items() if k != "valid"), key=lambda kv: -kv[1])))
+        print(
+            f"\n{name}: {sum(counts.values())} mutations, {counts['valid']} valid; refused by kind:",
+            dict(sorted(((k, v) for k, v in counts.items() if k != "valid"), key=lambda kv: -kv[1])),
+        )
     # The mutator must exercise both outcomes and many distinct checks, or it tests little.
-    assert stats["header, file"]["valid"] >= 20 and sum(stats["header, file"].values()) - stats["header, file"]["valid"] >= 150
+    assert (
+        stats["header, file"]["valid"] >= 20
+        and sum(stats["header, file"].values()) - stats["header, file"]["valid"] >= 150
+    )
     assert stats["index"]["valid"] >= 5 and sum(stats["index"].values()) - stats["index"]["valid"] >= 40
     assert len(stats["header, file"]) >= 12 and len(stats["index"]) >= 6
-    assert "other" not in stats["header, file"] and "other" not in stats["header, folder"] and "other" not in stats["index"]
+    assert (
+        "other" not in stats["header, file"]
+        and "other" not in stats["header, folder"]
+        and "other" not in stats["index"]
+    )
 
     # A sample of the refused mutations through the real CLI: inspect, and merge as an expert.
     sample_rng = random.Random(SEED + 1)

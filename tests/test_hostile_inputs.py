@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import FIXTURES, snapshot
 from safetensors.torch import save_file
 
-from conftest import FIXTURES, snapshot
 from streammerge.cli import main
 from streammerge.errors import CheckpointError
 from streammerge.io.reader import open_checkpoint
@@ -92,14 +92,32 @@ BAD_FILES: list[tuple[str, Callable[[], bytes], str]] = [
     ("header not UTF-8", lambda: st_file(None, raw=b'{"\xff\xfe": 1}'), "not UTF-8"),
     ("header in UTF-16", lambda: st_file(None, raw="{}".encode("utf-16")), "not UTF-8"),
     ("header deeply nested", lambda: st_file(None, raw=b"[" * 100_000 + b"]" * 100_000), "nested too deeply"),
-    ("header object deeply nested", lambda: st_file(None, raw=b'{"a":' * 50_000 + b"1" + b"}" * 50_000), "nested too deeply"),
-    ("number of 5000 digits", lambda: st_file(None, raw=b'{"a": {"dtype": "U8", "shape": [' + b"9" * 5000 + b"]}}"), "not valid JSON"),
+    (
+        "header object deeply nested",
+        lambda: st_file(None, raw=b'{"a":' * 50_000 + b"1" + b"}" * 50_000),
+        "nested too deeply",
+    ),
+    (
+        "number of 5000 digits",
+        lambda: st_file(None, raw=b'{"a": {"dtype": "U8", "shape": [' + b"9" * 5000 + b"]}}"),
+        "not valid JSON",
+    ),
     ("header a JSON list", lambda: st_file([1, 2]), "not a JSON object"),
-    ("duplicate tensor name", lambda: st_file(None, raw=b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},'
-                                                      b' "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', data=b"x"),
-     "names 'a' twice"),
-    ("tensor name a lone surrogate", lambda: st_file(None, raw=b'{"\\ud800": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}'),
-     "lone surrogate"),
+    (
+        "duplicate tensor name",
+        lambda: st_file(
+            None,
+            raw=b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},'
+            b' "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
+            data=b"x",
+        ),
+        "names 'a' twice",
+    ),
+    (
+        "tensor name a lone surrogate",
+        lambda: st_file(None, raw=b'{"\\ud800": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}'),
+        "lone surrogate",
+    ),
     ("metadata not a map", lambda: st_file({"__metadata__": ["x"]}), "__metadata__"),
     ("metadata value not a string", lambda: st_file({"__metadata__": {"format": 1}}), "__metadata__"),
     ("entry not an object", lambda: st_file({"a": [1, 2]}), "tensor 'a': header entry is not an object"),
@@ -110,19 +128,39 @@ BAD_FILES: list[tuple[str, Callable[[], bytes], str]] = [
     ("float dimension", lambda: st_file({"a": entry(shape=[2.0])}, b"xx"), "tensor 'a': shape [2.0]"),
     ("bool dimension", lambda: st_file({"a": entry(shape=[True, 2])}, b"xx"), "tensor 'a': shape [True, 2]"),
     ("dimension past int64", lambda: st_file({"a": entry(shape=[0, 2**64], offsets=[0, 0])}), "64-bit"),
-    ("shape product overflows", lambda: st_file({"a": entry(shape=[2**40, 2**40], offsets=[0, 2])}, b"xx"),
-     "tensor 'a': shape [1099511627776, 1099511627776] holds more than 2^63 bytes"),
-    ("absurd shape of 200k big dimensions", lambda: st_file(None, raw=b'{"a": {"dtype": "U8", "shape": [' + HUGE_SHAPE.encode()
-                                                            + b'], "data_offsets": [0, 2]}}', data=b"xx"),
-     "holds more than 2^63 bytes"),
+    (
+        "shape product overflows",
+        lambda: st_file({"a": entry(shape=[2**40, 2**40], offsets=[0, 2])}, b"xx"),
+        "tensor 'a': shape [1099511627776, 1099511627776] holds more than 2^63 bytes",
+    ),
+    (
+        "absurd shape of 200k big dimensions",
+        lambda: st_file(
+            None,
+            raw=b'{"a": {"dtype": "U8", "shape": [' + HUGE_SHAPE.encode() + b'], "data_offsets": [0, 2]}}',
+            data=b"xx",
+        ),
+        "holds more than 2^63 bytes",
+    ),
     ("negative offset", lambda: st_file({"a": entry(offsets=[-2, 0])}, b"xx"), "tensor 'a': data_offsets [-2, 0]"),
     ("float offsets", lambda: st_file({"a": entry(offsets=[0.0, 2.0])}, b"xx"), "tensor 'a': data_offsets [0.0, 2.0]"),
     ("offsets reversed", lambda: st_file({"a": entry(offsets=[2, 0])}, b"xx"), "tensor 'a': data_offsets [2, 0]"),
     ("one offset", lambda: st_file({"a": entry(offsets=[2])}, b"xx"), "tensor 'a': data_offsets [2]"),
-    ("dtype and shape disagree with byte length", lambda: st_file({"a": entry(dtype="F32", shape=[2], offsets=[0, 4])}, b"xxxx"),
-     "tensor 'a': F32 [2] needs 8 bytes but data_offsets span 4"),
-    ("offsets overlap", lambda: st_file({"a": entry(), "b": entry(offsets=[1, 3])}, b"xxx"), "tensor 'b' overlaps the previous tensor"),
-    ("offsets leave a hole", lambda: st_file({"a": entry(), "b": entry(offsets=[3, 5])}, b"xxxxx"), "tensor 'b' leaves a hole of 1 bytes"),
+    (
+        "dtype and shape disagree with byte length",
+        lambda: st_file({"a": entry(dtype="F32", shape=[2], offsets=[0, 4])}, b"xxxx"),
+        "tensor 'a': F32 [2] needs 8 bytes but data_offsets span 4",
+    ),
+    (
+        "offsets overlap",
+        lambda: st_file({"a": entry(), "b": entry(offsets=[1, 3])}, b"xxx"),
+        "tensor 'b' overlaps the previous tensor",
+    ),
+    (
+        "offsets leave a hole",
+        lambda: st_file({"a": entry(), "b": entry(offsets=[3, 5])}, b"xxxxx"),
+        "tensor 'b' leaves a hole of 1 bytes",
+    ),
     ("offsets run past the file", lambda: st_file({"a": entry(shape=[8], offsets=[0, 8])}, b"xx"), "data runs to byte"),
     ("bytes after the last tensor", lambda: st_file({"a": entry()}, b"xxx"), "1 bytes after the last tensor"),
 ]
@@ -137,8 +175,12 @@ def _broken_file(tmp: Path, blob: bytes) -> tuple[Path, Path]:
 # ---------------------------------------------------------------------------------------------
 # Broken model folders: each builder makes one in tmp and returns (model path, culprit file).
 
+
 def _tensors() -> dict[str, torch.Tensor]:
-    return {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b.weight": torch.ones(4, dtype=torch.bfloat16)}
+    return {
+        "a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "b.weight": torch.ones(4, dtype=torch.bfloat16),
+    }
 
 
 def _sharded(tmp: Path, weight_map: dict | None = None, index_text: str | None = None) -> tuple[Path, Path]:
@@ -150,7 +192,9 @@ def _sharded(tmp: Path, weight_map: dict | None = None, index_text: str | None =
     save_file({"b.weight": t["b.weight"]}, folder / "s2.safetensors")
     wm = {"a.weight": "s1.safetensors", "b.weight": "s2.safetensors"} if weight_map is None else weight_map
     index = folder / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {"total_size": 32}, "weight_map": wm}) if index_text is None else index_text)
+    index.write_text(
+        json.dumps({"metadata": {"total_size": 32}, "weight_map": wm}) if index_text is None else index_text
+    )
     return folder, index
 
 
@@ -226,8 +270,10 @@ def _index_escaping_by_dots(tmp: Path) -> tuple[Path, Path]:
 
 def _shard_with_unlisted_tensor(tmp: Path, listed_in: str | None) -> tuple[Path, Path]:
     """s1 holds a.weight and c.weight; the index maps c.weight to ``listed_in`` (None: not at all)."""
-    folder, _ = _sharded(tmp, {"a.weight": "s1.safetensors", "b.weight": "s2.safetensors"}
-                         | ({"c.weight": listed_in} if listed_in else {}))
+    folder, _ = _sharded(
+        tmp,
+        {"a.weight": "s1.safetensors", "b.weight": "s2.safetensors"} | ({"c.weight": listed_in} if listed_in else {}),
+    )
     save_file({"a.weight": torch.ones(2), "c.weight": torch.ones(3)}, folder / "s1.safetensors")
     return folder, folder / "s1.safetensors"
 
@@ -243,54 +289,115 @@ def _huge_index(tmp: Path) -> tuple[Path, Path]:
 BAD_FOLDERS: list[tuple[str, Callable[[Path], tuple[Path, Path]], str]] = [
     ("empty folder", _empty_folder, "no model weights found"),
     ("several shards, no index", _shards_without_index, "has 2 .safetensors files but no model.safetensors.index.json"),
-    ("index names a missing shard", lambda tmp: _sharded(tmp, {"a.weight": "s1.safetensors", "b.weight": "gone.safetensors"}),
-     "shard 'gone.safetensors' does not exist"),
-    ("index names an absolute path", lambda tmp: _sharded(tmp, {"a.weight": str(_outside_file(tmp)), "b.weight": "s2.safetensors"}),
-     "is not a relative file name inside"),
+    (
+        "index names a missing shard",
+        lambda tmp: _sharded(tmp, {"a.weight": "s1.safetensors", "b.weight": "gone.safetensors"}),
+        "shard 'gone.safetensors' does not exist",
+    ),
+    (
+        "index names an absolute path",
+        lambda tmp: _sharded(tmp, {"a.weight": str(_outside_file(tmp)), "b.weight": "s2.safetensors"}),
+        "is not a relative file name inside",
+    ),
     ("index names ../", _index_escaping_by_dots, "shard '../secret.safetensors' is not a relative file name"),
     ("index names a symlink out of the folder", _linked_shard, "shard 'link.safetensors' leads to"),
-    ("index maps a tensor to a shard that lacks it", lambda tmp: _sharded(tmp, {"a.weight": "s1.safetensors", "b.weight": "s1.safetensors"}),
-     "lists 'b.weight' in s1.safetensors but"),
-    ("shard holds a tensor the index does not list", lambda tmp: _shard_with_unlisted_tensor(tmp, None),
-     "holds tensor 'c.weight' but"),
-    ("shard holds a tensor the index puts elsewhere", lambda tmp: _shard_with_unlisted_tensor(tmp, "s2.safetensors"),
-     "holds tensor 'c.weight' but"),
+    (
+        "index maps a tensor to a shard that lacks it",
+        lambda tmp: _sharded(tmp, {"a.weight": "s1.safetensors", "b.weight": "s1.safetensors"}),
+        "lists 'b.weight' in s1.safetensors but",
+    ),
+    (
+        "shard holds a tensor the index does not list",
+        lambda tmp: _shard_with_unlisted_tensor(tmp, None),
+        "holds tensor 'c.weight' but",
+    ),
+    (
+        "shard holds a tensor the index puts elsewhere",
+        lambda tmp: _shard_with_unlisted_tensor(tmp, "s2.safetensors"),
+        "holds tensor 'c.weight' but",
+    ),
     ("index not JSON", lambda tmp: _sharded(tmp, index_text="{'weight_map': 1"), "index is not valid JSON"),
     ("index deeply nested", lambda tmp: _sharded(tmp, index_text="[" * 100_000), "index is JSON nested too deeply"),
-    ("index with duplicate keys", lambda tmp: _sharded(tmp, index_text='{"weight_map": {"a.weight": "s1.safetensors", "a.weight": "s2.safetensors"}}'),
-     "names 'a.weight' twice"),
-    ("index without weight_map", lambda tmp: _sharded(tmp, index_text='{"metadata": {}}'), "has no 'weight_map' object"),
-    ("index weight_map a list", lambda tmp: _sharded(tmp, index_text='{"weight_map": ["s1.safetensors"]}'), "has no 'weight_map' object"),
-    ("index maps to a non-string", lambda tmp: _sharded(tmp, {"a.weight": ["s1.safetensors"], "b.weight": "s2.safetensors"}),
-     "tensor 'a.weight' maps to ['s1.safetensors'], not a shard file name"),
+    (
+        "index with duplicate keys",
+        lambda tmp: _sharded(
+            tmp, index_text='{"weight_map": {"a.weight": "s1.safetensors", "a.weight": "s2.safetensors"}}'
+        ),
+        "names 'a.weight' twice",
+    ),
+    (
+        "index without weight_map",
+        lambda tmp: _sharded(tmp, index_text='{"metadata": {}}'),
+        "has no 'weight_map' object",
+    ),
+    (
+        "index weight_map a list",
+        lambda tmp: _sharded(tmp, index_text='{"weight_map": ["s1.safetensors"]}'),
+        "has no 'weight_map' object",
+    ),
+    (
+        "index maps to a non-string",
+        lambda tmp: _sharded(tmp, {"a.weight": ["s1.safetensors"], "b.weight": "s2.safetensors"}),
+        "tensor 'a.weight' maps to ['s1.safetensors'], not a shard file name",
+    ),
     ("index over 100 MB", _huge_index, "over the 100000000-byte limit"),
     ("shard a symlink to outside", lambda tmp: _single(tmp, lambda p: p.symlink_to(_outside_file(tmp))), "leads to"),
-    ("shard a symlink to a device", lambda tmp: _single(tmp, lambda p: p.symlink_to("/dev/zero")), "leads to /dev/zero"),
+    (
+        "shard a symlink to a device",
+        lambda tmp: _single(tmp, lambda p: p.symlink_to("/dev/zero")),
+        "leads to /dev/zero",
+    ),
     ("shard a symlink loop", lambda tmp: _single(tmp, _symlink_loop), "cannot be resolved"),
     ("shard a folder", lambda tmp: _single(tmp, lambda p: p.mkdir()), "is a folder, not a weights file"),
     ("shard a FIFO", lambda tmp: _single(tmp, _fifo), "is a FIFO, not a weights file"),
-    ("bin whose pickle runs code (torch zip)", lambda tmp: _bin(tmp, {"w": torch.ones(2), "x": _evil(tmp)}), "execute code"),
-    ("bin whose pickle runs code (legacy torch)", lambda tmp: _bin(tmp, {"w": torch.ones(2), "x": _evil(tmp)},
-                                                                 _use_new_zipfile_serialization=False), "execute code"),
+    (
+        "bin whose pickle runs code (torch zip)",
+        lambda tmp: _bin(tmp, {"w": torch.ones(2), "x": _evil(tmp)}),
+        "execute code",
+    ),
+    (
+        "bin whose pickle runs code (legacy torch)",
+        lambda tmp: _bin(tmp, {"w": torch.ones(2), "x": _evil(tmp)}, _use_new_zipfile_serialization=False),
+        "execute code",
+    ),
     ("bin a raw pickle that runs code", lambda tmp: _raw_pickle(tmp, 2), "execute code"),
     ("bin a raw pickle (protocol 4)", lambda tmp: _raw_pickle(tmp, 4), "execute code"),
-    ("bin neither zip nor pickle", lambda tmp: _single(tmp, lambda p: p.write_bytes(b"not a checkpoint" * 10), "pytorch_model.bin"),
-     "neither a zip archive nor a pickle"),
-    ("bin a corrupt pickle", lambda tmp: _single(tmp, lambda p: p.write_bytes(b"\x80\x02not a checkpoint"), "pytorch_model.bin"),
-     "not a plain pickle of tensors"),
-    ("bin truncated zip", lambda tmp: _single(tmp, _truncated_zip, "pytorch_model.bin"), "not a readable PyTorch checkpoint"),
-    ("bin empty", lambda tmp: _single(tmp, lambda p: p.write_bytes(b""), "pytorch_model.bin"), "neither a zip archive nor a pickle"),
+    (
+        "bin neither zip nor pickle",
+        lambda tmp: _single(tmp, lambda p: p.write_bytes(b"not a checkpoint" * 10), "pytorch_model.bin"),
+        "neither a zip archive nor a pickle",
+    ),
+    (
+        "bin a corrupt pickle",
+        lambda tmp: _single(tmp, lambda p: p.write_bytes(b"\x80\x02not a checkpoint"), "pytorch_model.bin"),
+        "not a plain pickle of tensors",
+    ),
+    (
+        "bin truncated zip",
+        lambda tmp: _single(tmp, _truncated_zip, "pytorch_model.bin"),
+        "not a readable PyTorch checkpoint",
+    ),
+    (
+        "bin empty",
+        lambda tmp: _single(tmp, lambda p: p.write_bytes(b""), "pytorch_model.bin"),
+        "neither a zip archive nor a pickle",
+    ),
     ("bin holds a list", lambda tmp: _bin(tmp, [torch.ones(2)]), "expected a dict of name -> tensor"),
     ("bin a FIFO", lambda tmp: _single(tmp, _fifo, "pytorch_model.bin"), "is a FIFO"),
 ]
 
 
-CASES = [(name, (lambda blob: lambda tmp: _broken_file(tmp, blob()))(make), needle) for name, make, needle in BAD_FILES] + BAD_FOLDERS
+CASES = [
+    (name, (lambda blob: lambda tmp: _broken_file(tmp, blob()))(make), needle) for name, make, needle in BAD_FILES
+] + BAD_FOLDERS
 
 
 def _config(tmp: Path, base: Path, expert: Path) -> Path:
     p = tmp / "cfg.yaml"
-    p.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {expert}\n    parameters: {{weight: 1.0}}\n")
+    p.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+        f"  - model: {expert}\n    parameters: {{weight: 1.0}}\n"
+    )
     return p
 
 
@@ -317,6 +424,7 @@ def test_broken_input_is_refused_in_one_line(tmp_path, build, needle):
 
 # ---------------------------------------------------------------------------------------------
 # Inputs that do not fit together, and configs that point at the output: refused while planning.
+
 
 def _expert_with(tmp: Path, change: Callable[[dict[str, torch.Tensor]], str]) -> tuple[Path, str]:
     """A copy of the math expert whose first shard is rewritten by ``change`` (returns the tensor name)."""
@@ -348,10 +456,14 @@ def _to_fp32(tensors: dict[str, torch.Tensor]) -> str:
     return name
 
 
-@pytest.mark.parametrize("change,needle", [
-    (_reshape, "has shape [64, 127], which differs from [64, 128]"),
-    (_to_int, "is int16 (integer) but bfloat16 (floating-point)"),
-], ids=["shape differs from base", "int tensor where the base has float"])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (_reshape, "has shape [64, 127], which differs from [64, 128]"),
+        (_to_int, "is int16 (integer) but bfloat16 (floating-point)"),
+    ],
+    ids=["shape differs from base", "int tensor where the base has float"],
+)
 def test_expert_that_does_not_fit_the_base(tmp_path, change, needle):
     expert, name = _expert_with(tmp_path, change)
     cfg = _config(tmp_path, shutil.copytree(FIXTURES / "tiny-llama-base", tmp_path / "base"), expert)
@@ -379,16 +491,31 @@ def _link_into_out(tmp: Path, out: Path) -> Path:
 
 # (case, (tmp, out) -> (base, expert), fragment)
 OUTPUT_OVERLAP: list[tuple[str, Callable[[Path, Path], tuple[Path, Path]], str]] = [
-    ("expert is OUT_DIR", lambda tmp, out: (FIXTURES / "tiny-llama-base", shutil.copytree(FIXTURES / "tiny-llama-math", out)),
-     "is inside input"),
-    ("base is OUT_DIR", lambda tmp, out: (shutil.copytree(FIXTURES / "tiny-llama-base", out), FIXTURES / "tiny-llama-math"),
-     "is inside input"),
-    ("expert inside OUT_DIR", lambda tmp, out: (FIXTURES / "tiny-llama-base", shutil.copytree(FIXTURES / "tiny-llama-math", out / "e")),
-     "inside the output folder"),
-    ("OUT_DIR inside an input", lambda tmp, out: (FIXTURES / "tiny-llama-base", shutil.copytree(FIXTURES / "tiny-llama-math", out.parent)),
-     "is inside input"),
-    ("input file a symlink into OUT_DIR", lambda tmp, out: (_link_into_out(tmp, out), FIXTURES / "tiny-llama-math"),
-     "leads to"),
+    (
+        "expert is OUT_DIR",
+        lambda tmp, out: (FIXTURES / "tiny-llama-base", shutil.copytree(FIXTURES / "tiny-llama-math", out)),
+        "is inside input",
+    ),
+    (
+        "base is OUT_DIR",
+        lambda tmp, out: (shutil.copytree(FIXTURES / "tiny-llama-base", out), FIXTURES / "tiny-llama-math"),
+        "is inside input",
+    ),
+    (
+        "expert inside OUT_DIR",
+        lambda tmp, out: (FIXTURES / "tiny-llama-base", shutil.copytree(FIXTURES / "tiny-llama-math", out / "e")),
+        "inside the output folder",
+    ),
+    (
+        "OUT_DIR inside an input",
+        lambda tmp, out: (FIXTURES / "tiny-llama-base", shutil.copytree(FIXTURES / "tiny-llama-math", out.parent)),
+        "is inside input",
+    ),
+    (
+        "input file a symlink into OUT_DIR",
+        lambda tmp, out: (_link_into_out(tmp, out), FIXTURES / "tiny-llama-math"),
+        "leads to",
+    ),
 ]
 
 
@@ -403,11 +530,15 @@ def test_config_pointing_at_the_output_is_refused(tmp_path, build, needle):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("make,needle", [
-    (lambda p, outside: p.symlink_to(outside), "leads to"),
-    (lambda p, outside: os.mkfifo(p), "is a FIFO, not a model file"),
-    (lambda p, outside: p.symlink_to("/dev/zero"), "leads to /dev/zero"),
-], ids=["symlink out of the folder", "FIFO", "symlink to a device"])
+@pytest.mark.parametrize(
+    "make,needle",
+    [
+        (lambda p, outside: p.symlink_to(outside), "leads to"),
+        (lambda p, outside: os.mkfifo(p), "is a FIFO, not a model file"),
+        (lambda p, outside: p.symlink_to("/dev/zero"), "leads to /dev/zero"),
+    ],
+    ids=["symlink out of the folder", "FIFO", "symlink to a device"],
+)
 def test_hostile_tokenizer_file_in_the_base(tmp_path, make, needle):
     """Files copied into OUT_DIR after the merge (tokenizer, config) are checked while planning."""
     base = shutil.copytree(FIXTURES / "tiny-llama-base", tmp_path / "base")
@@ -419,10 +550,14 @@ def test_hostile_tokenizer_file_in_the_base(tmp_path, make, needle):
     assert not (tmp_path / "out").exists() and snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("merge_method: " + "[" * 20000, "nested too deeply"),
-    ('merge_method: linear\nmodels: [{model: "x\\0y"}]\n', "does not exist"),
-], ids=["deeply nested YAML", "NUL in a model path"])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("merge_method: " + "[" * 20000, "nested too deeply"),
+        ('merge_method: linear\nmodels: [{model: "x\\0y"}]\n', "does not exist"),
+    ],
+    ids=["deeply nested YAML", "NUL in a model path"],
+)
 def test_hostile_config_text(tmp_path, text, needle):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(text)
@@ -432,6 +567,7 @@ def test_hostile_config_text(tmp_path, text, needle):
 
 # ---------------------------------------------------------------------------------------------
 # Odd but valid inputs: read exactly, and shown without breaking the terminal.
+
 
 def test_legacy_bin_loads_with_weights_only(tmp_path):
     ref = _tensors()
@@ -480,7 +616,11 @@ def test_refusal_in_a_real_process_is_one_line(tmp_path):
 
     model, culprit = _raw_pickle(tmp_path, 4)
     cfg = _config(tmp_path, FIXTURES / "tiny-llama-base", model)
-    r = subprocess.run([sys.executable, "-m", "streammerge.cli", "merge", str(cfg), str(tmp_path / "out")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "streammerge.cli", "merge", str(cfg), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_line_error(r.returncode, r.stderr, "execute code", str(culprit))
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import FIXTURES, load_folder
+
 import streammerge
 
 mergekit_config = pytest.importorskip("mergekit.config")
@@ -16,37 +16,64 @@ BF16 = {k: str(FIXTURES / f"tiny-llama-{k}") for k in ("base", "math", "code")}
 CASES = {
     "linear": {
         "merge_method": "linear",
-        "models": [{"model": F32["base"], "parameters": {"weight": 0.2}},
-                   {"model": F32["a"], "parameters": {"weight": [1.0, 0.5]}},
-                   {"model": F32["b"], "parameters": {"weight": [{"filter": "self_attn", "value": 0.3}, {"value": 0.9}]}}],
+        "models": [
+            {"model": F32["base"], "parameters": {"weight": 0.2}},
+            {"model": F32["a"], "parameters": {"weight": [1.0, 0.5]}},
+            {"model": F32["b"], "parameters": {"weight": [{"filter": "self_attn", "value": 0.3}, {"value": 0.9}]}},
+        ],
         "dtype": "float32",
     },
     "task_arithmetic": {
-        "merge_method": "task_arithmetic", "base_model": F32["base"],
-        "models": [{"model": F32["a"], "parameters": {"weight": 0.7}},
-                   {"model": F32["b"], "parameters": {"weight": [0.2, 0.4, 0.9]}}],
-        "parameters": {"lambda": 0.8, "normalize": True}, "dtype": "float32",
+        "merge_method": "task_arithmetic",
+        "base_model": F32["base"],
+        "models": [
+            {"model": F32["a"], "parameters": {"weight": 0.7}},
+            {"model": F32["b"], "parameters": {"weight": [0.2, 0.4, 0.9]}},
+        ],
+        "parameters": {"lambda": 0.8, "normalize": True},
+        "dtype": "float32",
     },
     "ties": {
-        "merge_method": "ties", "base_model": F32["base"],
-        "models": [{"model": F32["a"], "parameters": {"weight": 1.0, "density": 0.5}},
-                   {"model": F32["b"], "parameters": {"weight": [0.3, 0.9], "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}]}}],
-        "parameters": {"lambda": 0.9}, "dtype": "float32",
+        "merge_method": "ties",
+        "base_model": F32["base"],
+        "models": [
+            {"model": F32["a"], "parameters": {"weight": 1.0, "density": 0.5}},
+            {
+                "model": F32["b"],
+                "parameters": {"weight": [0.3, 0.9], "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}]},
+            },
+        ],
+        "parameters": {"lambda": 0.9},
+        "dtype": "float32",
     },
     "ties_rescale_global_density": {
-        "merge_method": "ties", "base_model": F32["base"],
-        "models": [{"model": F32["a"], "parameters": {"weight": 0.6}}, {"model": F32["b"], "parameters": {"weight": 0.4}}],
-        "parameters": {"density": 0.4, "rescale": True, "normalize": False}, "dtype": "float32",
+        "merge_method": "ties",
+        "base_model": F32["base"],
+        "models": [
+            {"model": F32["a"], "parameters": {"weight": 0.6}},
+            {"model": F32["b"], "parameters": {"weight": 0.4}},
+        ],
+        "parameters": {"density": 0.4, "rescale": True, "normalize": False},
+        "dtype": "float32",
     },
     "dare_ties_density_1": {  # density 1 draws no mask: exactly comparable
-        "merge_method": "dare_ties", "base_model": F32["base"],
-        "models": [{"model": F32["a"], "parameters": {"weight": 1.0}}, {"model": F32["b"], "parameters": {"weight": -0.5}}],
+        "merge_method": "dare_ties",
+        "base_model": F32["base"],
+        "models": [
+            {"model": F32["a"], "parameters": {"weight": 1.0}},
+            {"model": F32["b"], "parameters": {"weight": -0.5}},
+        ],
         "dtype": "float32",
     },
     "task_arithmetic_bf16_in_out": {
-        "merge_method": "task_arithmetic", "base_model": BF16["base"],
-        "models": [{"model": BF16["math"], "parameters": {"weight": 0.6}}, {"model": BF16["code"], "parameters": {"weight": 0.4}}],
-        "dtype": "float32", "out_dtype": "bfloat16",
+        "merge_method": "task_arithmetic",
+        "base_model": BF16["base"],
+        "models": [
+            {"model": BF16["math"], "parameters": {"weight": 0.6}},
+            {"model": BF16["code"], "parameters": {"weight": 0.4}},
+        ],
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
     },
 }
 
@@ -79,9 +106,15 @@ def test_bf16_ties_differs_from_mergekit_only_at_threshold_ties(tmp_path):
     """bf16 task vectors have many equal magnitudes. mergekit picks among entries tied at the top-k
     threshold with an unstable argsort, streammerge in row-major order: every element that differs
     must be one where some expert's |τ| equals its threshold, and all others must be identical."""
-    cfg = {"merge_method": "ties", "base_model": BF16["base"], "dtype": "float32",
-           "models": [{"model": BF16["math"], "parameters": {"weight": 1.0, "density": 0.5}},
-                      {"model": BF16["code"], "parameters": {"weight": 1.0, "density": 0.5}}]}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": BF16["base"],
+        "dtype": "float32",
+        "models": [
+            {"model": BF16["math"], "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": BF16["code"], "parameters": {"weight": 1.0, "density": 0.5}},
+        ],
+    }
     theirs = _mergekit(cfg, tmp_path / "mergekit")
     streammerge.merge(cfg, tmp_path / "ours")
     ours = load_folder(tmp_path / "ours")

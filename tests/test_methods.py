@@ -18,13 +18,18 @@ def _experts(n=3, shape=(64, 48), seed=0):
 def _run(method_name, base, experts, weights, densities=None, chunk=None, seed=0, **params):
     m = METHODS[method_name]
     p = m.params(**params)
-    mp = [m.model_params(weight=w, **({"density": d} if densities else {})) for w, d in zip(weights, densities or weights)]
+    mp = [
+        m.model_params(weight=w, **({"density": d} if densities else {}))
+        for w, d in zip(weights, densities or weights, strict=False)
+    ]
     shape = tuple(experts[0].shape)
 
     def inputs(start, count, state):
         sl = (lambda t: t.reshape(-1)[start : start + count].clone()) if count is not None else (lambda t: t.clone())
-        ex = [ExpertInput(lambda e=e: sl(e), q) for e, q in zip(experts, mp)]
-        return ChunkInputs("model.layers.0.mlp.w", shape, start, sl(base) if base is not None else None, ex, p, seed, state)
+        ex = [ExpertInput(lambda e=e: sl(e), q) for e, q in zip(experts, mp, strict=False)]
+        return ChunkInputs(
+            "model.layers.0.mlp.w", shape, start, sl(base) if base is not None else None, ex, p, seed, state
+        )
 
     ranges = chunk_ranges(experts[0].numel(), chunk) if chunk else [(0, None)]
 
@@ -38,16 +43,16 @@ def _run(method_name, base, experts, weights, densities=None, chunk=None, seed=0
 def test_linear_formula():
     _, ex = _experts()
     w = [0.5, 0.3, 0.7]
-    ref = sum(wi * e for wi, e in zip(w, ex)) / sum(w)
+    ref = sum(wi * e for wi, e in zip(w, ex, strict=False)) / sum(w)
     torch.testing.assert_close(_run("linear", None, ex, w), ref, rtol=1e-6, atol=1e-6)
-    ref_unnorm = sum(wi * e for wi, e in zip(w, ex))
+    ref_unnorm = sum(wi * e for wi, e in zip(w, ex, strict=False))
     torch.testing.assert_close(_run("linear", None, ex, w, normalize=False), ref_unnorm, rtol=1e-6, atol=1e-6)
 
 
 def test_task_arithmetic_formula():
     base, ex = _experts()
     w = [1.0, -0.5, 0.25]
-    ref = base + 0.7 * sum(wi * (e - base) for wi, e in zip(w, ex))
+    ref = base + 0.7 * sum(wi * (e - base) for wi, e in zip(w, ex, strict=False))
     torch.testing.assert_close(_run("task_arithmetic", base, ex, w, lambda_=0.7), ref, rtol=1e-6, atol=1e-6)
 
 
@@ -60,7 +65,7 @@ def _topk_mask(tau, density):
 
 
 def _ties_reference(base, experts, weights, densities, lam=1.0, normalize=True):
-    taus = torch.stack([_topk_mask(e - base, d) * (e - base) for e, d in zip(experts, densities)])
+    taus = torch.stack([_topk_mask(e - base, d) * (e - base) for e, d in zip(experts, densities, strict=False)])
     w = torch.tensor(weights).reshape(-1, 1, 1)
     wt = taus * w
     majority = torch.where(wt.sum(0) >= 0, 1.0, -1.0)
@@ -98,7 +103,7 @@ def test_ties_l1_rescale_matches_formula():
     d = [0.3, 0.6]
     got = _run("ties", base, ex, [1.0, 1.0], d, rescale=True)
     scaled = []
-    for e, di in zip(ex, d):
+    for e, di in zip(ex, d, strict=False):
         tau = e - base
         kept = _topk_mask(tau, di) * tau
         scaled.append(base + kept * (tau.abs().sum() / kept.abs().sum()))
@@ -113,14 +118,14 @@ def test_dare_formula_with_its_seeded_masks(method, mode):
     base, ex = _experts(n=2, shape=shape)
     w, d = [1.0, 0.5], [0.4, 0.7]
     taus = []
-    for i, (e, di) in enumerate(zip(ex, d)):
+    for i, (e, di) in enumerate(zip(ex, d, strict=False)):
         tau = e - base
         mask = keep_mask(7, "model.layers.0.mlp.w", i, 0, tau.numel(), di).reshape(shape)
         kept = tau * mask
         taus.append(kept * (tau.abs().sum() / kept.abs().sum()) if mode == "l1" else kept / di)
         assert abs(mask.float().mean().item() - di) < 0.01
     if method == "dare_linear":
-        ref = base + sum(wi * t for wi, t in zip(w, taus))
+        ref = base + sum(wi * t for wi, t in zip(w, taus, strict=False))
     else:
         ref = _ties_reference(base, [base + t for t in taus], w, [1.0, 1.0], normalize=False)
     got = _run(method, base, ex, w, d, seed=7, rescale_mode=mode)
@@ -154,7 +159,12 @@ def test_kth_largest_equals_kthvalue(dtype):
     from streammerge.methods.ties import kth_largest
 
     g = torch.Generator().manual_seed(3)
-    x = (torch.randn(100_003, generator=g) * 10.0 ** torch.randint(-20, 20, (100_003,), generator=g)).to(dtype).float().abs()
+    x = (
+        (torch.randn(100_003, generator=g) * 10.0 ** torch.randint(-20, 20, (100_003,), generator=g))
+        .to(dtype)
+        .float()
+        .abs()
+    )
     x[:50] = 0.0
     for k in [1, 2, 77, 50_000, 100_002, 100_003]:
         assert kth_largest(x, k) == float(x.kthvalue(x.numel() - k + 1).values), k

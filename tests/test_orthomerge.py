@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from conftest import FIXTURES, load_folder
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, load_folder
 from streammerge.io.adapter_writer import merged_adapter_config, write_adapter
 from streammerge.io.peft_adapters import common_rotation_map, oft_sources, open_adapter
 from streammerge.io.reader import open_checkpoint
@@ -38,7 +38,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # --- reference transcriptions (Sphere-AI-Lab/OrthoMerge, merge/*.py) ------------------------------
 
 
-def reference_merge_rule(qs: list[torch.Tensor], theta_agg: str = "mean", direction_weight: str = "theta") -> torch.Tensor:
+def reference_merge_rule(
+    qs: list[torch.Tensor], theta_agg: str = "mean", direction_weight: str = "theta"
+) -> torch.Tensor:
     """The authors' ``merge_cayley_Q_list`` (OrthoMerge_*_TA.py), verbatim in substance."""
     stack = torch.stack(qs).reshape(len(qs), -1)
     theta = torch.linalg.vector_norm(stack, dim=1)
@@ -60,8 +62,17 @@ def reference_oft_rule(qs: list[torch.Tensor]) -> torch.Tensor:
     return 0.5 * (merged - merged.transpose(-1, -2))
 
 
-def reference_ord(w0, experts, variant="G", residual="task_arithmetic", lam=1.0, density=0.2, eps=1e-3,
-                  theta_agg="mean", direction_weight="theta"):
+def reference_ord(
+    w0,
+    experts,
+    variant="G",
+    residual="task_arithmetic",
+    lam=1.0,
+    density=0.2,
+    eps=1e-3,
+    theta_agg="mean",
+    direction_weight="theta",
+):
     """Decoupling as the authors' scripts do it (all experts in memory, A = (R+I)⁻¹(R−I),
     R = (I−A)⁻¹(I+A)), plus the two fixes documented in REFERENCE §4: Procrustes of W₀ᵀT + εI and the
     Kabsch sign fix. TIES top-k per tensor (theirs: per model). fp64 throughout."""
@@ -91,7 +102,7 @@ def reference_ord(w0, experts, variant="G", residual="task_arithmetic", lam=1.0,
         generators.append(0.5 * (a - a.T))
     a_bar = reference_merge_rule(generators, theta_agg, direction_weight)
     r_bar = torch.linalg.solve(eye - a_bar, eye + a_bar)
-    rhos = [e - w0 @ r for e, r in zip(experts, rotations)]
+    rhos = [e - w0 @ r for e, r in zip(experts, rotations, strict=False)]
     if residual == "task_arithmetic":
         merged = sum(rhos)
     elif residual == "ties":
@@ -163,7 +174,7 @@ def test_uniform_weighting_ignores_rotation_sizes():
 
 
 def test_median_is_the_lower_middle_value_like_the_reference():
-    qs = [q / q.norm() * s for q, s in zip(random_skews(4, seed=5), (1.0, 2.0, 3.0, 4.0))]
+    qs = [q / q.norm() * s for q, s in zip(random_skews(4, seed=5), (1.0, 2.0, 3.0, 4.0), strict=False)]
     merged, _ = merge_generators(qs, "median")
     assert float(merged.norm()) == pytest.approx(2.0)
 
@@ -207,7 +218,8 @@ def test_two_oft_adapters_merge_to_the_reference_formula(pair):
         b = sources[0][1].block_size
         ours, degenerate = merge_generators([oft_generator(a.generator(name), b) for a, _ in sources])
         assert not degenerate
-        expected = reference_oft_rule([skew_from_vector(r[m.key].double(), b) for r, (_, m) in zip(raws, sources)])
+        pairs = zip(raws, sources, strict=True)
+        expected = reference_oft_rule([skew_from_vector(r[m.key].double(), b) for r, (_, m) in pairs])
         assert torch.allclose(skew_from_vector(ours, b), expected, atol=1e-12), name
     assert keys == 14 + ("cayley" in pair[0])  # 7 linear modules x 2 layers (+ embed_tokens)
 
@@ -229,7 +241,9 @@ def test_coft_generators_are_projected_before_merging():
 def test_mixed_rotation_maps_are_refused():
     base = open_checkpoint(BASE)
     with pytest.raises(Exception, match="same rotation map"):
-        common_rotation_map([open_adapter(ADAPTERS / "oft-cayley-a", base), open_adapter(ADAPTERS / "oft-neumann-a", base)])
+        common_rotation_map(
+            [open_adapter(ADAPTERS / "oft-cayley-a", base), open_adapter(ADAPTERS / "oft-neumann-a", base)]
+        )
 
 
 def fold_merged(adapters, base, params=OrthoMergeParams()):
@@ -245,8 +259,9 @@ def fold_merged(adapters, base, params=OrthoMergeParams()):
         m = sources[0][1]
         vecs = [oft_generator(a.generator(name), m.block_size, rotation.coft_eps) for a, _ in sources]
         merged, _ = merge_generators(vecs, params.norm_aggregate, params.direction_weighting)
-        blocks = oft_rotation_blocks(merged, m.block_size, rotation.neumann_terms, rotation.neumann_convention,
-                                     rotation.coft_eps)
+        blocks = oft_rotation_blocks(
+            merged, m.block_size, rotation.neumann_terms, rotation.neumann_convention, rotation.coft_eps
+        )
         out[name] = fold_oft(w0, blocks, m.embedding)
     return out
 
@@ -266,7 +281,9 @@ def test_output_adapter_loads_in_peft_and_its_merge_equals_our_fold(tmp_path, pa
     reread = open_adapter(tmp_path / "merged", base)  # our reader accepts what we wrote
     assert set(reread.modules) == set(adapters[0].modules)
     ours = fold_merged(adapters, base)
-    assert not torch.allclose(ours["model.layers.0.self_attn.q_proj.weight"], base.read("model.layers.0.self_attn.q_proj.weight"))
+    assert not torch.allclose(
+        ours["model.layers.0.self_attn.q_proj.weight"], base.read("model.layers.0.self_attn.q_proj.weight")
+    )
     pytest.importorskip("peft")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -307,13 +324,26 @@ def test_one_expert_with_lambda_1_is_the_expert(variant, residual):
 def test_two_experts_equal_the_reference_transcription(variant, residual, lam, agg, weighting):
     base = load_folder(BASE)
     experts = [load_folder(FIXTURES / "tiny-llama-fp32-a"), load_folder(FIXTURES / "tiny-llama-fp32-b")]
-    params = OrthoMergeParams(variant=variant, residual_method=residual, lambda_=lam, norm_aggregate=agg,
-                              direction_weighting=weighting)
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
-                 "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.gate_proj.weight"):
+    params = OrthoMergeParams(
+        variant=variant, residual_method=residual, lambda_=lam, norm_aggregate=agg, direction_weighting=weighting
+    )
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.mlp.gate_proj.weight",
+    ):
         ours = decouple_merge(base[name], [e[name] for e in experts], params)
-        expected = reference_ord(base[name], [e[name] for e in experts], variant, residual, lam, params.density,
-                                 theta_agg=agg, direction_weight=weighting)
+        expected = reference_ord(
+            base[name],
+            [e[name] for e in experts],
+            variant,
+            residual,
+            lam,
+            params.density,
+            theta_agg=agg,
+            direction_weight=weighting,
+        )
         assert torch.allclose(ours.double(), expected, atol=1e-5), name
         assert not torch.allclose(ours, base[name], atol=1e-4)
 
@@ -328,6 +358,7 @@ def test_experts_are_loaded_lazily_once_for_g_twice_for_c():
             def load():
                 calls[i] += 1
                 return experts[i].clone()
+
             return load
 
         decouple_merge(base, [loader(i) for i in range(3)], OrthoMergeParams(variant=variant))
@@ -340,7 +371,7 @@ def test_given_tensors_are_not_modified():
     before = [e.clone() for e in experts], base.clone()
     for residual in ("task_arithmetic", "ties", "tsvm"):
         decouple_merge(base, experts, OrthoMergeParams(variant="C", residual_method=residual))
-    assert all(torch.equal(a, b) for a, b in zip(experts, before[0])) and torch.equal(base, before[1])
+    assert all(torch.equal(a, b) for a, b in zip(experts, before[0], strict=False)) and torch.equal(base, before[1])
 
 
 def test_variant_c_targets_only_conflicting_rows():
@@ -391,8 +422,9 @@ def test_residual_only_tensors_are_task_vector_merges():
     name = "model.norm.weight"
     out = decouple_merge(base[name], [e[name] for e in experts], OrthoMergeParams(lambda_=0.5), orthogonal=False)
     assert torch.allclose(out, base[name] + 0.5 * sum(e[name] - base[name] for e in experts), atol=1e-7)
-    tsvm = decouple_merge(base[name], [e[name] for e in experts], OrthoMergeParams(residual_method="tsvm"),
-                          orthogonal=False)
+    tsvm = decouple_merge(
+        base[name], [e[name] for e in experts], OrthoMergeParams(residual_method="tsvm"), orthogonal=False
+    )
     assert torch.allclose(tsvm, base[name] + sum(e[name] - base[name] for e in experts) / 2, atol=1e-7)
 
 
@@ -401,32 +433,55 @@ def test_method_record_merges_whole_tensors_and_picks_the_orthogonal_part():
     experts = [load_folder(FIXTURES / "tiny-llama-fp32-a")]
     params = OrthoMergeParams()
     for name in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
-        inputs = ChunkInputs(name, tuple(base[name].shape), 0, base[name],
-                             [ExpertInput(load=lambda n=name: experts[0][n].clone(), params=NoParams())], params, 0)
+        inputs = ChunkInputs(
+            name,
+            tuple(base[name].shape),
+            0,
+            base[name],
+            [ExpertInput(load=lambda n=name: experts[0][n].clone(), params=NoParams())],
+            params,
+            0,
+        )
         assert torch.allclose(METHOD.merge(inputs), experts[0][name], atol=2e-6)
     assert not METHOD.elementwise and METHOD.base_model == "required"
 
 
-@pytest.mark.parametrize("name, shape, default, with_options", [
-    ("model.layers.0.self_attn.q_proj.weight", (64, 64), True, True),
-    ("model.layers.0.mlp.down_proj.weight", (64, 128), True, True),
-    ("model.layers.0.input_layernorm.weight", (64,), False, False),
-    ("model.norm.weight", (64,), False, False),
-    ("model.embed_tokens.weight", (256, 64), False, True),
-    ("lm_head.weight", (256, 64), False, True),
-    ("transformer.wte.weight", (256, 64), False, True),
-    ("model.layers.0.self_attn.q_proj.bias", (64,), False, False),
-    ("some.layer_norm.weight", (8, 8), False, False),
-])
+@pytest.mark.parametrize(
+    "name, shape, default, with_options",
+    [
+        ("model.layers.0.self_attn.q_proj.weight", (64, 64), True, True),
+        ("model.layers.0.mlp.down_proj.weight", (64, 128), True, True),
+        ("model.layers.0.input_layernorm.weight", (64,), False, False),
+        ("model.norm.weight", (64,), False, False),
+        ("model.embed_tokens.weight", (256, 64), False, True),
+        ("lm_head.weight", (256, 64), False, True),
+        ("transformer.wte.weight", (256, 64), False, True),
+        ("model.layers.0.self_attn.q_proj.bias", (64,), False, False),
+        ("some.layer_norm.weight", (8, 8), False, False),
+    ],
+)
 def test_takes_orthogonal_part(name, shape, default, with_options):
     assert takes_orthogonal_part(name, shape, OrthoMergeParams()) is default
-    assert takes_orthogonal_part(name, shape, OrthoMergeParams(orthogonal_embeddings=True, orthogonal_lm_head=True)) is with_options
+    assert (
+        takes_orthogonal_part(name, shape, OrthoMergeParams(orthogonal_embeddings=True, orthogonal_lm_head=True))
+        is with_options
+    )
 
 
-@pytest.mark.parametrize("field, value", [
-    ("variant", "X"), ("residual_method", "dare"), ("norm_aggregate", "sum"), ("direction_weighting", "norm"),
-    ("density", 0.0), ("density", 1.5), ("lambda_", math.nan), ("procrustes_eps", -1.0), ("cayley_min_sigma", 2.0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("variant", "X"),
+        ("residual_method", "dare"),
+        ("norm_aggregate", "sum"),
+        ("direction_weighting", "norm"),
+        ("density", 0.0),
+        ("density", 1.5),
+        ("lambda_", math.nan),
+        ("procrustes_eps", -1.0),
+        ("cayley_min_sigma", 2.0),
+    ],
+)
 def test_params_are_validated_with_the_bad_value(field, value):
     with pytest.raises(ValueError, match=field.rstrip("_")):
         OrthoMergeParams(**{field: value})

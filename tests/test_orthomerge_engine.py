@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import FIXTURES, load_folder
 
 import streammerge
-from conftest import FIXTURES, load_folder
 from streammerge.cli import main
 from streammerge.errors import ConfigError, PlanError
 from streammerge.experts import AdapterExpert
@@ -95,7 +95,9 @@ def test_two_oft_adapters_follow_the_papers_rule(tmp_path):
 def test_output_adapter_loads_in_peft_and_equals_output_model(tmp_path, pair):
     models = [ADAPTERS / p for p in pair]
     streammerge.merge(_cfg(models), tmp_path / "model")
-    r = CliRunner().invoke(main, ["merge", _yaml(tmp_path, _cfg(models, {"output": "adapter"})), str(tmp_path / "adapter")])
+    r = CliRunner().invoke(
+        main, ["merge", _yaml(tmp_path, _cfg(models, {"output": "adapter"})), str(tmp_path / "adapter")]
+    )
     assert r.exit_code == 0, r.output
     assert "written as one PEFT adapter" in r.output
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "OFT"

@@ -5,15 +5,23 @@ import math
 
 import pytest
 import torch
-
 from conftest import FIXTURES
 
 import streammerge.sidecar as sidecar
 from streammerge.errors import ConfigError, StreamMergeError
 from streammerge.methods.base import ChunkInputs, ExpertInput
 from streammerge.methods.ota import (
-    BIAS_CORRECTION, SECOND_MOMENT, OtaModelParams, OtaParams, OtaRun, SaliencyHistogram, bias_correction_factor,
-    ffg_mask, merge, ota_weight, saliency,
+    BIAS_CORRECTION,
+    SECOND_MOMENT,
+    OtaModelParams,
+    OtaParams,
+    OtaRun,
+    SaliencyHistogram,
+    bias_correction_factor,
+    ffg_mask,
+    merge,
+    ota_weight,
+    saliency,
 )
 from streammerge.planner import chunk_ranges
 
@@ -33,7 +41,7 @@ def _chunks(name, base, experts, vs, model_params, params, chunk=None, state=Non
     for start, count in ranges:
         sl = (lambda t: t.reshape(-1)[start : start + count].clone()) if count is not None else (lambda t: t.clone())
         ex = []
-        for i, (e, mp) in enumerate(zip(experts, model_params)):
+        for i, (e, mp) in enumerate(zip(experts, model_params, strict=False)):
             aux = {}
             if vs[i] is not None:
                 aux[SECOND_MOMENT] = lambda v=vs[i], sl=sl: sl(v)
@@ -153,13 +161,16 @@ def test_tensor_without_second_moment_falls_back_to_linear_and_is_reported():
     vs[1] = None
     cs = [1.0, 2.0, 0.5]
     run = OtaRun(3)
-    got = _merge(base, experts, vs, [OtaModelParams(scaling_factor=c) for c in cs], chunk=200, state=run, name="lm_head.weight")
-    want = base + sum(c * (e - base) for c, e in zip(cs, experts)) / sum(cs)
+    params = [OtaModelParams(scaling_factor=c) for c in cs]
+    got = _merge(base, experts, vs, params, chunk=200, state=run, name="lm_head.weight")
+    want = base + sum(c * (e - base) for c, e in zip(cs, experts, strict=False)) / sum(cs)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert run.missing == {"lm_head.weight": [1]}
     assert any("merged linearly: lm_head.weight" in line for line in run.report())
     with pytest.raises(ConfigError, match=r"no second moment for lm_head.weight .* #1"):
-        _merge(base, experts, vs, [OtaModelParams()] * 3, OtaParams(missing_second_moment="error"), name="lm_head.weight")
+        _merge(
+            base, experts, vs, [OtaModelParams()] * 3, OtaParams(missing_second_moment="error"), name="lm_head.weight"
+        )
 
 
 def test_bad_inputs_are_refused():
@@ -195,6 +206,7 @@ def test_parameter_validation(make, needle):
 
 
 # --- global density calibration ------------------------------------------------------------------------
+
 
 def _model(seed=0, kind="lognormal"):
     """Several tensors of two experts with realistic (continuous, many-decade) saliency distributions."""
@@ -279,6 +291,7 @@ def test_calibration_skips_tensors_merged_linearly():
 
 # --- with real sidecars ------------------------------------------------------------------------------
 
+
 def test_merge_reads_second_moments_through_sidecar_get_flat(tmp_path):
     """The engine wiring: aux loaders are ``Sidecar.get_flat`` over chunk ranges; rank-1 and exact."""
     from safetensors.torch import load_file
@@ -295,9 +308,14 @@ def test_merge_reads_second_moments_through_sidecar_get_flat(tmp_path):
             numel = base.numel()
             got = []
             for start, count in chunk_ranges(numel, 1000):
-                ex = [ExpertInput(lambda e=e: e.reshape(-1)[start : start + count].clone(), OtaModelParams(),
-                                  {SECOND_MOMENT: lambda sc=sc: sc.get_flat(name, start, count)})
-                      for e, sc in zip(experts, (a, b))]
+                ex = [
+                    ExpertInput(
+                        lambda e=e: e.reshape(-1)[start : start + count].clone(),
+                        OtaModelParams(),
+                        {SECOND_MOMENT: lambda sc=sc: sc.get_flat(name, start, count)},
+                    )
+                    for e, sc in zip(experts, (a, b), strict=False)
+                ]
                 chunk_base = base.reshape(-1)[start : start + count].clone()
                 got.append(merge(ChunkInputs(name, tuple(base.shape), start, chunk_base, ex, OtaParams(), 0)))
             want, _ = _reference(base, experts, [a.get(name), b.get(name)], [1, 1])

@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import FIXTURES, load_folder, snapshot
 from safetensors.torch import save_file
 
 import streammerge
-from conftest import FIXTURES, load_folder, snapshot
 from streammerge.cli import main
 from streammerge.errors import ConfigError, PlanError
 from streammerge.io import journal
@@ -72,14 +72,19 @@ def _reference(v: dict, thresholds=None, power=0.5, eps=1e-26, scales=None) -> d
 def test_ota_with_exact_second_moments_matches_the_formula(tmp_path, second_moments):
     sidecars = {k: p for k, (p, _) in second_moments.items()}
     out = tmp_path / "out"
-    r = CliRunner().invoke(main, ["merge", str(_config(tmp_path, sidecars, params="parameters: {epsilon: 1e-26}")), str(out), "-q"])
+    r = CliRunner().invoke(
+        main, ["merge", str(_config(tmp_path, sidecars, params="parameters: {epsilon: 1e-26}")), str(out), "-q"]
+    )
     assert r.exit_code == 0, r.output
     ref = _reference({k: v for k, (_, v) in second_moments.items()})
     merged = load_folder(out)
     for name, t in ref.items():
         torch.testing.assert_close(merged[name], t, rtol=2e-6, atol=1e-7)
     # OTA is not plain averaging: the curvature weights matter on these inputs
-    plain = load_folder(A)["model.layers.0.mlp.up_proj.weight"] * 0.5 + load_folder(B)["model.layers.0.mlp.up_proj.weight"] * 0.5
+    plain = (
+        load_folder(A)["model.layers.0.mlp.up_proj.weight"] * 0.5
+        + load_folder(B)["model.layers.0.mlp.up_proj.weight"] * 0.5
+    )
     assert not torch.allclose(merged["model.layers.0.mlp.up_proj.weight"], plain, atol=1e-4)
 
 
@@ -93,8 +98,12 @@ def test_ota_reads_rank1_sidecars_converted_by_the_cli(tmp_path, second_moments,
     # reference: the rank-1 reconstruction r·cᵀ/Σv of each 2-D v (1-D stays exact)
     v1 = {}
     for k, (_, v) in second_moments.items():
-        v1[k] = {n: (t.double().sum(1, keepdim=True) * t.double().sum(0, keepdim=True) / t.double().sum()).float()
-                 if t.dim() == 2 else t for n, t in v.items()}
+        v1[k] = {
+            n: (t.double().sum(1, keepdim=True) * t.double().sum(0, keepdim=True) / t.double().sum()).float()
+            if t.dim() == 2
+            else t
+            for n, t in v.items()
+        }
     out = tmp_path / "out"
     if variant == "plain":
         streammerge.merge(_config(tmp_path, sidecars), out)
@@ -102,9 +111,15 @@ def test_ota_reads_rank1_sidecars_converted_by_the_cli(tmp_path, second_moments,
     else:  # the factored weight path: (c·r ⊗ c')^p + ε, with a saliency mask from the same v̂
         base, b = load_folder(BASE), load_folder(B)
         name = "model.layers.0.mlp.up_proj.weight"
-        t = float(torch.quantile((v1["b"][name].double() * (b[name].double() - base[name].double()) ** 2).flatten(), 0.6))
-        cfg = _config(tmp_path, sidecars, {"a": "{scaling_factor: 2.5}", "b": f"{{threshold: {t!r}}}"},
-                      params="parameters: {power: 1.0, epsilon: 1e-26}")
+        t = float(
+            torch.quantile((v1["b"][name].double() * (b[name].double() - base[name].double()) ** 2).flatten(), 0.6)
+        )
+        cfg = _config(
+            tmp_path,
+            sidecars,
+            {"a": "{scaling_factor: 2.5}", "b": f"{{threshold: {t!r}}}"},
+            params="parameters: {power: 1.0, epsilon: 1e-26}",
+        )
         streammerge.merge(cfg, out)
         ref = _reference(v1, thresholds={"b": t}, power=1.0, scales={"a": 2.5, "b": 1.0})
     merged = load_folder(out)
@@ -117,8 +132,11 @@ def test_ffg_density_is_calibrated_over_the_whole_model_and_reported(tmp_path, s
     sidecars = {k: p for k, (p, _) in second_moments.items()}
     cfg = _config(tmp_path, sidecars, {"a": f"{{density: {density}}}", "b": f"{{density: {density}}}"})
     result = streammerge.merge(cfg, tmp_path / "out")
-    found = {int(m.group(1)): (float(m.group(2)) / 100, float(m.group(3)))
-             for line in result.report if (m := re.search(r"expert #(\d): .*kept ([\d.]+)% of .* at threshold (\S+)", line))}
+    found = {
+        int(m.group(1)): (float(m.group(2)) / 100, float(m.group(3)))
+        for line in result.report
+        if (m := re.search(r"expert #(\d): .*kept ([\d.]+)% of .* at threshold (\S+)", line))
+    }
     assert sorted(found) == [0, 1], result.report
     base = load_folder(BASE)
     thresholds = {}
@@ -147,15 +165,20 @@ def test_a_tensor_missing_from_a_sidecar_is_merged_linearly_and_reported(tmp_pat
     b0, a, b = (load_folder(p)["lm_head.weight"] for p in (BASE, A, B))
     torch.testing.assert_close(merged, b0 + ((a - b0) + (b - b0)) / 2, rtol=1e-6, atol=1e-7)
     with pytest.raises(ConfigError, match="no second moment for lm_head.weight"):
-        streammerge.merge(_config(tmp_path, sidecars, params="parameters: {missing_second_moment: error}", name="e.yaml"),
-                          tmp_path / "out2")
+        streammerge.merge(
+            _config(tmp_path, sidecars, params="parameters: {missing_second_moment: error}", name="e.yaml"),
+            tmp_path / "out2",
+        )
 
 
 def test_sidecars_that_do_not_fit_the_model_are_refused_while_planning(tmp_path, second_moments):
     _, v = second_moments["a"]
     save_file({"module." + n: t for n, t in v.items()}, tmp_path / "prefixed.safetensors")
     save_file({**v, "lm_head.weight": torch.ones(3, 3)}, tmp_path / "wrong-shape.safetensors")
-    for bad, needle in [("prefixed", "none of its 21 tensor names is a tensor of"), ("wrong-shape", "tensor 'lm_head.weight' has shape [3, 3]")]:
+    for bad, needle in [
+        ("prefixed", "none of its 21 tensor names is a tensor of"),
+        ("wrong-shape", "tensor 'lm_head.weight' has shape [3, 3]"),
+    ]:
         sidecars = {"a": tmp_path / f"{bad}.safetensors", "b": second_moments["b"][0]}
         with pytest.raises(PlanError, match=re.escape(needle)):
             streammerge.merge(_config(tmp_path, sidecars), tmp_path / "out")

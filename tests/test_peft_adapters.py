@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, load_folder, save_folder
 from safetensors.torch import load_file, save_file
 
-from conftest import FIXTURES, load_folder, save_folder
 from streammerge.errors import CheckpointError
 from streammerge.io.adapter_writer import AdapterWriter, merged_adapter_config, write_adapter
 from streammerge.io.peft_adapters import LoraAdapter, OftAdapter, open_adapter
@@ -32,7 +32,15 @@ from streammerge.methods.orthomerge import fold_oft, oft_rotation_blocks
 
 ADAPTERS = FIXTURES / "adapters"
 BASE = FIXTURES / "tiny-llama-fp32-base"
-OFT_FIXTURES = ["oft-cayley-a", "oft-cayley-b", "oft-neumann-a", "oft-neumann-b", "oft-coft", "oft-blockshare", "oft-rank"]
+OFT_FIXTURES = [
+    "oft-cayley-a",
+    "oft-cayley-b",
+    "oft-neumann-a",
+    "oft-neumann-b",
+    "oft-coft",
+    "oft-blockshare",
+    "oft-rank",
+]
 LORA_FIXTURES = ["lora-a", "lora-b", "lora-c"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,29 +68,52 @@ _DELETE = object()
 P = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-@pytest.mark.parametrize("key, expected", [
-    (f"{P}.oft_R.weight", AdapterKey(f"{P}.oft_R.weight", P[17:], "oft", P[17:] + ".weight")),
-    (f"{P}.lora_A.weight", AdapterKey(f"{P}.lora_A.weight", P[17:], "lora_A", P[17:] + ".weight")),
-    (f"{P}.lora_B.bias", AdapterKey(f"{P}.lora_B.bias", P[17:], "lora_B_bias", P[17:] + ".bias")),
-    ("base_model.model.model.embed_tokens.lora_embedding_A",
-     AdapterKey("base_model.model.model.embed_tokens.lora_embedding_A", "model.embed_tokens", "lora_embedding_A",
-                "model.embed_tokens.weight")),
-    ("base_model.model.model.embed_tokens.oft_embedding_R.weight",
-     AdapterKey("base_model.model.model.embed_tokens.oft_embedding_R.weight", "model.embed_tokens", "oft_embedding",
-                "model.embed_tokens.weight")),
-    ("base_model.model.model.norm.weight",
-     AdapterKey("base_model.model.model.norm.weight", "model.norm", "replacement", "model.norm.weight")),
-    ("base_model.model.model.embed_tokens.base_layer.weight",
-     AdapterKey("base_model.model.model.embed_tokens.base_layer.weight", "model.embed_tokens", "replacement",
-                "model.embed_tokens.weight")),
-    (f"{P}.oft_r", "pre-0.16"),
-    (f"{P}.oft_s", "0.14-0.15"),
-    (f"{P}.boft_R", "BOFT"),
-    (f"{P}.lora_magnitude_vector", "DoRA"),
-    (f"{P}.hada_w1_a", "does not read"),
-    ("model.layers.0.self_attn.q_proj.lora_A.weight", "does not start with"),
-    (f"{P}.modules_to_save.default.weight", "adapter name"),
-])
+@pytest.mark.parametrize(
+    "key, expected",
+    [
+        (f"{P}.oft_R.weight", AdapterKey(f"{P}.oft_R.weight", P[17:], "oft", P[17:] + ".weight")),
+        (f"{P}.lora_A.weight", AdapterKey(f"{P}.lora_A.weight", P[17:], "lora_A", P[17:] + ".weight")),
+        (f"{P}.lora_B.bias", AdapterKey(f"{P}.lora_B.bias", P[17:], "lora_B_bias", P[17:] + ".bias")),
+        (
+            "base_model.model.model.embed_tokens.lora_embedding_A",
+            AdapterKey(
+                "base_model.model.model.embed_tokens.lora_embedding_A",
+                "model.embed_tokens",
+                "lora_embedding_A",
+                "model.embed_tokens.weight",
+            ),
+        ),
+        (
+            "base_model.model.model.embed_tokens.oft_embedding_R.weight",
+            AdapterKey(
+                "base_model.model.model.embed_tokens.oft_embedding_R.weight",
+                "model.embed_tokens",
+                "oft_embedding",
+                "model.embed_tokens.weight",
+            ),
+        ),
+        (
+            "base_model.model.model.norm.weight",
+            AdapterKey("base_model.model.model.norm.weight", "model.norm", "replacement", "model.norm.weight"),
+        ),
+        (
+            "base_model.model.model.embed_tokens.base_layer.weight",
+            AdapterKey(
+                "base_model.model.model.embed_tokens.base_layer.weight",
+                "model.embed_tokens",
+                "replacement",
+                "model.embed_tokens.weight",
+            ),
+        ),
+        (f"{P}.oft_r", "pre-0.16"),
+        (f"{P}.oft_s", "0.14-0.15"),
+        (f"{P}.boft_R", "BOFT"),
+        (f"{P}.lora_magnitude_vector", "DoRA"),
+        (f"{P}.hada_w1_a", "does not read"),
+        ("model.layers.0.self_attn.q_proj.lora_A.weight", "does not start with"),
+        (f"{P}.modules_to_save.default.weight", "adapter name"),
+    ],
+)
 def test_parse_key(key, expected):
     parsed = parse_key(key)
     if isinstance(expected, AdapterKey):
@@ -91,10 +122,19 @@ def test_parse_key(key, expected):
         assert isinstance(parsed, str) and expected in parsed
 
 
-@pytest.mark.parametrize("version, convention", [
-    (None, "peft-0.16"), ("0.16.0", "peft-0.16"), ("0.17.1", "peft-0.16"), ("0.18.0", "peft-0.18"),
-    ("0.18.0.dev0@0123abc", "peft-0.18"), ("0.21.2", "peft-0.18"), ("1.0", "peft-0.18"), ("garbage", "peft-0.16"),
-])
+@pytest.mark.parametrize(
+    "version, convention",
+    [
+        (None, "peft-0.16"),
+        ("0.16.0", "peft-0.16"),
+        ("0.17.1", "peft-0.16"),
+        ("0.18.0", "peft-0.18"),
+        ("0.18.0.dev0@0123abc", "peft-0.18"),
+        ("0.21.2", "peft-0.18"),
+        ("1.0", "peft-0.18"),
+        ("garbage", "peft-0.16"),
+    ],
+)
 def test_neumann_convention_from_peft_version(version, convention):
     assert neumann_convention(version) == convention
     assert parse_version("0.18.0.dev0@abc") == (0, 18, 0)
@@ -104,7 +144,9 @@ def test_oft_block_size_rules_match_peft():
     layer = pytest.importorskip("peft.tuners.oft.layer")
     for in_features in (12, 64, 96, 100, 128):
         for value in (1, 3, 5, 7, 8, 16, 30, 64, 200):
-            assert adjust_oft_parameters(in_features, value) == layer.OFTLayer.adjust_oft_parameters(None, in_features, value)
+            assert adjust_oft_parameters(in_features, value) == layer.OFTLayer.adjust_oft_parameters(
+                None, in_features, value
+            )
     assert oft_block_size(64, 0, 8) == 8 and oft_block_size(128, 4, 0) == 32 and oft_block_size(100, 0, 8) == 10
     with pytest.raises(ValueError):
         oft_block_size(64, 4, 8)
@@ -113,8 +155,14 @@ def test_oft_block_size_rules_match_peft():
 def test_pattern_lookup_matches_peft():
     other = pytest.importorskip("peft.utils.other")
     patterns = {"layers.1.mlp.down_proj": 6, "q_proj": 2, r"layers\.[01]\.self_attn\.v_proj": 5}
-    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.0.mlp.down_proj",
-                   "model.layers.1.self_attn.v_proj", "model.layers.0.self_attn.k_proj", "xq_proj"):
+    for module in (
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.v_proj",
+        "model.layers.0.self_attn.k_proj",
+        "xq_proj",
+    ):
         key = other.get_pattern_key(patterns.keys(), module)
         assert pattern_value(patterns, module, 4) == patterns.get(key, 4), module
 
@@ -146,16 +194,20 @@ def formula_rotation(vec: torch.Tensor, b: int, config: dict, blocks: int, conve
         if convention == "peft-0.16":
             mats.append(eye + sum(2 * torch.linalg.matrix_power(q, j) for j in range(1, k)))
         else:  # I + 2Q + … + 2Q^(k−2) + Q^(k−1) (k >= 4 here)
-            mats.append(eye + sum(2 * torch.linalg.matrix_power(q, j) for j in range(1, k - 1))
-                        + torch.linalg.matrix_power(q, k - 1))
+            mats.append(
+                eye
+                + sum(2 * torch.linalg.matrix_power(q, j) for j in range(1, k - 1))
+                + torch.linalg.matrix_power(q, k - 1)
+            )
     mats = mats * (blocks if len(mats) == 1 else 1)
     return torch.block_diag(*mats)
 
 
 def our_fold(adapter: OftAdapter, name: str, w0: torch.Tensor) -> torch.Tensor:
     m, rot = adapter.modules[name], adapter.rotation
-    blocks = oft_rotation_blocks(adapter.generator(name), m.block_size, rot.neumann_terms, rot.neumann_convention,
-                                 rot.coft_eps)
+    blocks = oft_rotation_blocks(
+        adapter.generator(name), m.block_size, rot.neumann_terms, rot.neumann_convention, rot.coft_eps
+    )
     return fold_oft(w0, blocks, m.embedding)
 
 
@@ -195,7 +247,9 @@ def test_fold_and_materialisation_equal_peft_merge_and_unload(fixture):
     assert changed >= 14
 
 
-@pytest.mark.parametrize("version, convention", [(_DELETE, "peft-0.16"), ("0.17.1", "peft-0.16"), ("0.18.0", "peft-0.18")])
+@pytest.mark.parametrize(
+    "version, convention", [(_DELETE, "peft-0.16"), ("0.17.1", "peft-0.16"), ("0.18.0", "peft-0.18")]
+)
 def test_legacy_neumann_convention_follows_peft_version(tmp_path, version, convention):
     folder = copy_adapter(tmp_path, "oft-neumann-a", peft_version=version)
     base = open_checkpoint(BASE)
@@ -207,8 +261,13 @@ def test_legacy_neumann_convention_follows_peft_version(tmp_path, version, conve
     w0 = base.read(name).double()
     r = formula_rotation(adapter.generator(name), m.block_size, config, w0.shape[1] // m.block_size, convention)
     assert torch.allclose(our_fold(adapter, name, base.read(name)).double(), w0 @ r.T, atol=1e-6)
-    other = formula_rotation(adapter.generator(name), m.block_size, config, w0.shape[1] // m.block_size,
-                             "peft-0.18" if convention == "peft-0.16" else "peft-0.16")
+    other = formula_rotation(
+        adapter.generator(name),
+        m.block_size,
+        config,
+        w0.shape[1] // m.block_size,
+        "peft-0.18" if convention == "peft-0.16" else "peft-0.16",
+    )
     assert not torch.allclose(w0 @ r.T, w0 @ other.T, atol=1e-6)  # the switch matters on these weights
 
 
@@ -238,7 +297,7 @@ def test_lora_materialisation_equals_the_formula(fixture, module, layer):
     else:
         kind = "mlp" if module.endswith(("up_proj", "down_proj", "gate_proj")) else "self_attn"
         name = f"model.layers.{layer}.{kind}.{module}.weight"
-        prefix = f"base_model.model.{name[:-len('weight')]}"
+        prefix = f"base_model.model.{name[: -len('weight')]}"
         delta = raw[prefix + "lora_B.weight"] @ raw[prefix + "lora_A.weight"]
     w0 = base.read(name)
     assert torch.allclose(adapter.expert_tensor(name, w0), w0 + s * delta, atol=1e-6)
@@ -275,8 +334,9 @@ def test_gpt2_conv1d_fan_in_fan_out_and_lora_bias_equal_peft(tmp_path):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
     model.save_pretrained(tmp_path / "base")
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=6, target_modules=["c_attn", "c_proj"],
-                                                  fan_in_fan_out=True, lora_bias=True))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, lora_alpha=6, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, lora_bias=True)
+    )
     with torch.no_grad():
         for pname, p in peft_model.named_parameters():
             if "lora_" in pname:
@@ -309,18 +369,21 @@ def test_missing_config_and_weights(tmp_path):
         open_adapter(tmp_path / "only-config")
 
 
-@pytest.mark.parametrize("fixture, changes, match", [
-    ("lora-a", {"use_dora": True}, "DoRA"),
-    ("lora-a", {"init_lora_weights": "pissa_niter_4"}, "init_lora_weights 'pissa_niter_4'"),
-    ("lora-a", {"target_parameters": ["mlp.experts.down_proj"]}, "target_parameters"),
-    ("lora-a", {"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
-    ("lora-a", {"peft_type": "BOFT"}, "BOFT adapters"),
-    ("lora-c", {"rank_pattern": {"q_proj": 3}}, "has rank 2, but the config"),
-    ("oft-cayley-a", {"oft_block_size": 16}, "holds 8 block\\(s\\) of size 8"),
-    ("oft-cayley-a", {"oft_block_size": _DELETE}, "PEFT < 0.14"),
-    ("oft-cayley-a", {"r": 8}, "exactly one of r"),
-    ("oft-blockshare", {"block_share": False}, "holds 1 block"),
-])
+@pytest.mark.parametrize(
+    "fixture, changes, match",
+    [
+        ("lora-a", {"use_dora": True}, "DoRA"),
+        ("lora-a", {"init_lora_weights": "pissa_niter_4"}, "init_lora_weights 'pissa_niter_4'"),
+        ("lora-a", {"target_parameters": ["mlp.experts.down_proj"]}, "target_parameters"),
+        ("lora-a", {"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
+        ("lora-a", {"peft_type": "BOFT"}, "BOFT adapters"),
+        ("lora-c", {"rank_pattern": {"q_proj": 3}}, "has rank 2, but the config"),
+        ("oft-cayley-a", {"oft_block_size": 16}, "holds 8 block\\(s\\) of size 8"),
+        ("oft-cayley-a", {"oft_block_size": _DELETE}, "PEFT < 0.14"),
+        ("oft-cayley-a", {"r": 8}, "exactly one of r"),
+        ("oft-blockshare", {"block_share": False}, "holds 1 block"),
+    ],
+)
 def test_bad_configs_are_refused_clearly(tmp_path, fixture, changes, match):
     folder = copy_adapter(tmp_path, fixture, **changes)
     with one_line_error(match) as info:
@@ -328,19 +391,30 @@ def test_bad_configs_are_refused_clearly(tmp_path, fixture, changes, match):
     assert "\n" not in str(info.value) and str(folder) in str(info.value)
 
 
-@pytest.mark.parametrize("keys, match", [
-    ({"q_proj.oft_r": (8, 8, 8)}, "PEFT <= 0.13 OFT format"),
-    ({"q_proj.oft_r": (8, 8, 8), "q_proj.oft_s": (64, 1)}, "PEFT 0.14-0.15 OFT format"),
-    ({"q_proj.lora_A.weight": (4, 64), "q_proj.lora_B.weight": (64, 4), "q_proj.lora_magnitude_vector": (64,)}, "DoRA"),
-    ({"q_proj.lora_A.weight": (4, 64), "q_proj.hada_w1_a": (4, 4)}, "does not read"),
-    ({"q_proj.lora_A.weight": (4, 64)}, "not both LoRA A and B"),
-    ({"q_proj.lora_A.weight": (4, 48), "q_proj.lora_B.weight": (64, 4)}, "needs base 'model.layers.0.self_attn.q_proj.weight' of shape \\(64, 48\\)"),
-    ({"q_prj.lora_A.weight": (4, 64), "q_prj.lora_B.weight": (64, 4)}, "which the base model .* lacks"),
-    ({"q_proj.oft_R.weight": (8, 27)}, "not b\\(b-1\\)/2"),
-])
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        ({"q_proj.oft_r": (8, 8, 8)}, "PEFT <= 0.13 OFT format"),
+        ({"q_proj.oft_r": (8, 8, 8), "q_proj.oft_s": (64, 1)}, "PEFT 0.14-0.15 OFT format"),
+        (
+            {"q_proj.lora_A.weight": (4, 64), "q_proj.lora_B.weight": (64, 4), "q_proj.lora_magnitude_vector": (64,)},
+            "DoRA",
+        ),
+        ({"q_proj.lora_A.weight": (4, 64), "q_proj.hada_w1_a": (4, 4)}, "does not read"),
+        ({"q_proj.lora_A.weight": (4, 64)}, "not both LoRA A and B"),
+        (
+            {"q_proj.lora_A.weight": (4, 48), "q_proj.lora_B.weight": (64, 4)},
+            "needs base 'model.layers.0.self_attn.q_proj.weight' of shape \\(64, 48\\)",
+        ),
+        ({"q_prj.lora_A.weight": (4, 64), "q_prj.lora_B.weight": (64, 4)}, "which the base model .* lacks"),
+        ({"q_proj.oft_R.weight": (8, 27)}, "not b\\(b-1\\)/2"),
+    ],
+)
 def test_bad_adapter_tensors_name_file_and_tensor(tmp_path, keys, match):
     kind = "OFT" if any("oft" in k for k in keys) else "LORA"
-    config = json.loads((ADAPTERS / ("oft-cayley-a" if kind == "OFT" else "lora-a") / "adapter_config.json").read_text())
+    config = json.loads(
+        (ADAPTERS / ("oft-cayley-a" if kind == "OFT" else "lora-a") / "adapter_config.json").read_text()
+    )
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps(config))
@@ -373,7 +447,9 @@ def test_writer_bytes_equal_the_reference_and_config_is_written(tmp_path):
             w.write(k, tensors[k])
         w.finish()
     save_file(tensors, tmp_path / "reference.safetensors", metadata={"format": "pt"})
-    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "reference.safetensors"
+    ).read_bytes()
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()) == config
     write_adapter(tmp_path / "again", config, tensors)
     assert isinstance(open_adapter(tmp_path / "again", open_checkpoint(BASE)), OftAdapter)

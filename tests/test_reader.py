@@ -3,9 +3,9 @@ import os
 
 import pytest
 import torch
+from conftest import FIXTURES, load_folder, save_folder
 from safetensors.torch import save_file
 
-from conftest import FIXTURES, load_folder, save_folder
 from streammerge.errors import CheckpointError
 from streammerge.io.reader import open_checkpoint
 
@@ -65,7 +65,9 @@ def test_bin_that_would_execute_code_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
 
 
-@pytest.mark.parametrize("shard_name", ["../outside.safetensors", "/etc/passwd", "missing.safetensors", "link.safetensors"])
+@pytest.mark.parametrize(
+    "shard_name", ["../outside.safetensors", "/etc/passwd", "missing.safetensors", "link.safetensors"]
+)
 def test_index_shard_names_are_confined(tmp_path, shard_name):
     folder = save_folder(tmp_path / "m", _tensors(), shards=1)
     save_file({"z": torch.ones(1)}, tmp_path / "outside.safetensors")

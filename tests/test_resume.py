@@ -22,9 +22,9 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import save_folder, snapshot
 
 import streammerge
-from conftest import save_folder, snapshot
 from streammerge.cli import main
 from streammerge.errors import CheckpointError, OutputError
 from streammerge.io.journal import OutputLock, journal_path, read_journal
@@ -277,14 +277,31 @@ def test_rerun_of_a_finished_merge_does_nothing(tmp_path, models):
     before = snapshot(out)
     result = _merge(config, out)
     assert result.already_complete and snapshot(out) == before
-    r = CliRunner().invoke(main, ["merge", config, str(out), "--chunk-size", str(CHUNK), "--out-shard-size", SHARD, "--device", "cpu"])
+    args = ["merge", config, str(out), "--chunk-size", str(CHUNK), "--out-shard-size", SHARD, "--device", "cpu"]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and "already holds this merge" in r.output
 
 
 def test_cli_says_how_much_was_already_done(tmp_path, models):
     config, out = _interrupted(tmp_path, models, k=5)
-    r = subprocess.run([sys.executable, "-m", "streammerge.cli", "merge", config, str(out), "--chunk-size", str(CHUNK),
-                        "--out-shard-size", SHARD, "--device", "cpu"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streammerge.cli",
+            "merge",
+            config,
+            str(out),
+            "--chunk-size",
+            str(CHUNK),
+            "--out-shard-size",
+            SHARD,
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "(5 resumed from an earlier run)" in r.stdout
 
@@ -304,7 +321,9 @@ def test_disk_full_mid_merge_is_clear_corrupts_nothing_and_resumes(tmp_path, mod
         return real(fd, data, offset)
 
     monkeypatch.setattr(writer.os, "pwrite", pwrite)
-    with pytest.raises(OutputError, match=r"disk full.*bytes of output still to write.*re-run the same command to resume"):
+    with pytest.raises(
+        OutputError, match=r"disk full.*bytes of output still to write.*re-run the same command to resume"
+    ):
         _merge(config, out)
     monkeypatch.setattr(writer.os, "pwrite", real)
     assert not _looks_complete(out)
@@ -331,16 +350,25 @@ def test_nonfinite_input_is_refused_unless_allowed(tmp_path, models):
     base, e0, _ = models
     tensors = {}
     from safetensors.torch import load_file
+
     for f in sorted(e0.glob("*.safetensors")):
         tensors.update(load_file(f))
     tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     bad = save_folder(tmp_path / "bad", tensors)
-    cfg = {"merge_method": "task_arithmetic", "base_model": str(base),
-           "models": [{"model": str(bad), "parameters": {"weight": 1.0}}]}
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' holds 1 NaN/Inf .*element 1541.*--allow-nonfinite"):
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(bad), "parameters": {"weight": 1.0}}],
+    }
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' holds 1 NaN/Inf "
+        r".*element 1541.*--allow-nonfinite",
+    ):
         streammerge.merge(cfg, tmp_path / "out")
     streammerge.merge(cfg, tmp_path / "out2", allow_nonfinite=True)
     from conftest import load_folder
+
     merged = load_folder(tmp_path / "out2")["model.layers.1.mlp.up_proj.weight"]
     assert torch.isnan(merged[3, 5]) and torch.isfinite(merged).sum() == merged.numel() - 1
 
@@ -364,24 +392,39 @@ def test_sync_policy_marks_durable_records(tmp_path, models):
 def test_nonfinite_is_traced_to_its_input_for_every_method(tmp_path, models, method):
     base, e0, e1 = models
     from safetensors.torch import load_file
+
     tensors = {}
     for f in sorted(e1.glob("*.safetensors")):
         tensors.update(load_file(f))
     tensors["model.embed_tokens.weight"].view(-1)[2_500_000] = float("-inf")  # in the third 1M chunk
     bad = save_folder(tmp_path / "bad", tensors)
     extra = {} if method == "linear" else {"density": 0.5}
-    cfg = {"merge_method": method, **({} if method == "linear" else {"base_model": str(base)}),
-           "models": [{"model": str(e0), "parameters": {"weight": 0.5, **extra}},
-                      {"model": str(bad), "parameters": {"weight": 0.5, **extra}}]}
-    with pytest.raises(CheckpointError, match=r"bad/model.safetensors: tensor 'model.embed_tokens.weight' holds 1 NaN/Inf .*element 2500000"):
+    cfg = {
+        "merge_method": method,
+        **({} if method == "linear" else {"base_model": str(base)}),
+        "models": [
+            {"model": str(e0), "parameters": {"weight": 0.5, **extra}},
+            {"model": str(bad), "parameters": {"weight": 0.5, **extra}},
+        ],
+    }
+    with pytest.raises(
+        CheckpointError,
+        match=r"bad/model.safetensors: tensor 'model.embed_tokens.weight' holds 1 NaN/Inf .*element 2500000",
+    ):
         streammerge.merge(cfg, tmp_path / "out", chunk_elements=CHUNK)
 
 
 def test_overflow_of_the_merge_is_reported_as_such(tmp_path, models):
     base, e0, e1 = models
-    cfg = {"merge_method": "linear", "models": [{"model": str(e0), "parameters": {"weight": 3e38}},
-                                                {"model": str(e1), "parameters": {"weight": 3e38}}],
-           "parameters": {"normalize": False}}
+    cfg = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(e0), "parameters": {"weight": 3e38}},
+            {"model": str(e1), "parameters": {"weight": 3e38}},
+        ],
+        "parameters": {"normalize": False},
+    }
     from streammerge.errors import StreamMergeError
+
     with pytest.raises(StreamMergeError, match="although its inputs are finite: an overflow"):
         streammerge.merge(cfg, tmp_path / "out", chunk_elements=CHUNK)

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
-
 from conftest import FIXTURES, snapshot
+from safetensors.torch import load_file, save_file
 
 import streammerge.sidecar as sidecar
 from streammerge.cli import main
@@ -41,7 +40,15 @@ def _write(path, tensors, rank=None, frame_elements=1 << 22, dtype="F32", metada
 
 # --- format ------------------------------------------------------------------------------------------
 
-SHAPES = {"matrix": (37, 23), "vector": (50,), "row": (1, 40), "col": (40, 1), "cube": (4, 5, 6), "scalar": (), "empty": (0, 8)}
+SHAPES = {
+    "matrix": (37, 23),
+    "vector": (50,),
+    "row": (1, 40),
+    "col": (40, 1),
+    "cube": (4, 5, 6),
+    "scalar": (),
+    "empty": (0, 8),
+}
 
 
 @pytest.mark.parametrize("frame_elements", [1 << 22, 64])
@@ -57,7 +64,11 @@ def test_exact_round_trip_is_bit_exact(tmp_path, frame_elements):
             assert got.dtype == torch.float32 and got.shape == v.shape
             assert torch.equal(got.view(torch.int32), v.view(torch.int32)), name
             flat = v.reshape(-1)
-            for start, count in [(0, flat.numel()), (min(5, flat.numel()), max(0, flat.numel() - 10)), (flat.numel(), 0)]:
+            for start, count in [
+                (0, flat.numel()),
+                (min(5, flat.numel()), max(0, flat.numel() - 10)),
+                (flat.numel(), 0),
+            ]:
                 if start + count <= flat.numel():
                     assert torch.equal(sc.get_flat(name, start, count), flat[start : start + count]), (name, start)
             assert sc.representation(name) == "exact" and sc.step(name) == 7
@@ -91,13 +102,19 @@ def test_rank1_is_row_sums_times_column_sums_over_total(tmp_path, blocks):
     r, c, total = vd.sum(1), vd.sum(0), vd.sum()
     reference = torch.outer(r, c) / total
     with sidecar.load(tmp_path / "a.sc") as sc:
-        assert sc.representation("w") == "rank1" and sc.representation("b") == "exact" and sc.representation("row") == "exact"
+        assert (
+            sc.representation("w") == "rank1"
+            and sc.representation("b") == "exact"
+            and sc.representation("row") == "exact"
+        )
         parts = sc._reader.factored(sc.record("w")).parts
         torch.testing.assert_close(parts["r"], r.float(), rtol=1e-7, atol=0)
         torch.testing.assert_close(parts["c"], c.float(), rtol=1e-7, atol=0)
         assert sc.record("w").total == pytest.approx(float(total), rel=1e-15)
         torch.testing.assert_close(sc.get("w").double(), reference, rtol=1e-6, atol=0)
-        torch.testing.assert_close(sc.get_flat("w", 100, 1000).double(), reference.reshape(-1)[100:1100], rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            sc.get_flat("w", 100, 1000).double(), reference.reshape(-1)[100:1100], rtol=1e-6, atol=0
+        )
         assert torch.equal(sc.get("b"), factorize(_v(48), None).parts["v"])
         assert sc.stored_bytes("w") < 0.1 * v.numel() * 4
 
@@ -153,7 +170,9 @@ def test_one_corrupt_frame_fails_only_its_tensor(tmp_path):
     raw[offset + length // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
     with sidecar.load(path) as sc:
-        assert torch.equal(sc.get("a"), tensors["a"]) and torch.equal(sc.get_flat("c", 0, 100), tensors["c"].reshape(-1)[:100])
+        assert torch.equal(sc.get("a"), tensors["a"]) and torch.equal(
+            sc.get_flat("c", 0, 100), tensors["c"].reshape(-1)[:100]
+        )
         with pytest.raises(CheckpointError, match=r"tensor 'b'.*checksum mismatch"):
             sc.get("b")
         with pytest.raises(CheckpointError, match="has no second moment for tensor 'd'"):
@@ -172,27 +191,37 @@ def _rewrite_index(path: Path, edit) -> None:
 def _set(key, value, tensor=0):
     def edit(index):
         index["tensors"][tensor][key] = value
+
     return edit
 
 
 BROKEN = {
     "bad magic": (lambda p: p.write_bytes(b"NOTASIDE" + p.read_bytes()[8:]), "not a streammerge sidecar"),
-    "newer version": (lambda p: p.write_bytes(p.read_bytes()[:8] + struct.pack("<I", 2) + p.read_bytes()[12:]),
-                      "version 2, this streammerge reads version 1"),
-    "unknown flags": (lambda p: p.write_bytes(p.read_bytes()[:12] + struct.pack("<I", 4) + p.read_bytes()[16:]),
-                      "flags 0x4"),
+    "newer version": (
+        lambda p: p.write_bytes(p.read_bytes()[:8] + struct.pack("<I", 2) + p.read_bytes()[12:]),
+        "version 2, this streammerge reads version 1",
+    ),
+    "unknown flags": (
+        lambda p: p.write_bytes(p.read_bytes()[:12] + struct.pack("<I", 4) + p.read_bytes()[16:]),
+        "flags 0x4",
+    ),
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-5]), "truncated"),
     "cut mid-frame": (lambda p: p.write_bytes(p.read_bytes()[:40]), "truncated"),
     "too short": (lambda p: p.write_bytes(b"\x89SIDECAR"), "too short"),
     "index checksum": (lambda p: p.write_bytes(_flip_in_index(p.read_bytes())), "index checksum mismatch"),
     "bad shape": (lambda p: _rewrite_index(p, _set("shape", [3, -1])), "tensor 'w': shape"),
     "frame count": (lambda p: _rewrite_index(p, _set("frames", [])), "tensor 'w': 0 frames for 1200 elements"),
-    "content size": (lambda p: _rewrite_index(p, _set("shape", [4000, 30])), "tensor 'w', frame 0: frame holds 4800 bytes"),
+    "content size": (
+        lambda p: _rewrite_index(p, _set("shape", [4000, 30])),
+        "tensor 'w', frame 0: frame holds 4800 bytes",
+    ),
     "rank1 on a vector": (lambda p: _rewrite_index(p, _set("repr", "rank1", 1)), "tensor 'b': rank1 is not allowed"),
     "unknown repr": (lambda p: _rewrite_index(p, _set("repr", "rank-7")), "unknown representation"),
     "bad dtype": (lambda p: _rewrite_index(p, _set("dtype", "I8")), "unknown storage dtype"),
-    "overlapping frames": (lambda p: _rewrite_index(p, lambda ix: ix["tensors"][1].__setitem__("frames", ix["tensors"][0]["frames"])),
-                           "overlaps another frame"),
+    "overlapping frames": (
+        lambda p: _rewrite_index(p, lambda ix: ix["tensors"][1].__setitem__("frames", ix["tensors"][0]["frames"])),
+        "overlaps another frame",
+    ),
     "bad beta2": (lambda p: _rewrite_index(p, lambda ix: ix["metadata"].__setitem__("beta2", 2.0)), "beta2"),
 }
 
@@ -229,11 +258,14 @@ def test_raw_safetensors_opens_with_the_same_interface(tmp_path):
     with sidecar.load(tmp_path / "raw.safetensors") as sc:
         assert isinstance(sc, sidecar.RawSecondMoments) and set(sc.keys()) == {"w", "b"}
         assert sc.metadata["step"] == 12 and sc.metadata["beta2"] == 0.95 and sc.shape("w") == (20, 10)
-        assert torch.equal(sc.get("w"), tensors["w"]) and torch.equal(sc.get_flat("w", 17, 50), tensors["w"].reshape(-1)[17:67])
+        assert torch.equal(sc.get("w"), tensors["w"]) and torch.equal(
+            sc.get_flat("w", 17, 50), tensors["w"].reshape(-1)[17:67]
+        )
         assert sc.representation("b") == "exact" and "w" in sc and "x" not in sc
 
 
 # --- conversion --------------------------------------------------------------------------------------
+
 
 def _optimizer_states():
     sd = torch.load(TRAINER / "optimizer.pt", weights_only=True)
@@ -303,8 +335,10 @@ def _tiny_trainer_folder(folder: Path, weights: str, shared_shapes: bool) -> dic
         model.add_module("extra", torch.nn.Linear(5, 5, bias=False))
     named = dict(model.named_parameters())
     no_decay = [n for n in named if "bias" in n or n.startswith("norm.")]
-    groups = [{"params": [p for n, p in named.items() if n not in no_decay], "weight_decay": 0.1},
-              {"params": [p for n, p in named.items() if n in no_decay], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for n, p in named.items() if n not in no_decay], "weight_decay": 0.1},
+        {"params": [p for n, p in named.items() if n in no_decay], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     for _ in range(3):
         opt.zero_grad()
@@ -356,8 +390,12 @@ def test_wrong_model_is_refused_by_shape_or_count(tmp_path):
 def test_name_keyed_sources_convert(tmp_path):
     named = load_file(NAMED)
     torch.save(named, tmp_path / "named.pt")
-    sd = {"state": {n: {"step": torch.tensor(4.0), "exp_avg": torch.zeros_like(v), "exp_avg_sq": v} for n, v in named.items()},
-          "param_groups": [{"params": list(named), "betas": (0.9, 0.99), "decoupled_weight_decay": False}]}
+    sd = {
+        "state": {
+            n: {"step": torch.tensor(4.0), "exp_avg": torch.zeros_like(v), "exp_avg_sq": v} for n, v in named.items()
+        },
+        "param_groups": [{"params": list(named), "betas": (0.9, 0.99), "decoupled_weight_decay": False}],
+    }
     torch.save(sd, tmp_path / "named_opt.pt")
     for src in (NAMED, tmp_path / "named.pt", tmp_path / "named_opt.pt"):
         out = tmp_path / f"{src.stem}.sc"
@@ -389,6 +427,7 @@ def test_negative_or_nan_second_moments_are_refused(tmp_path):
 
 # --- export from a live optimizer ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_export_from_a_live_optimizer(tmp_path, opt_cls):
     torch.manual_seed(0)
@@ -408,7 +447,9 @@ def test_export_from_a_live_optimizer(tmp_path, opt_cls):
         for name, v in expected.items():
             assert torch.equal(sc.get(name), v)
         w = expected["0.weight"].double()
-        torch.testing.assert_close(r1.get("0.weight").double(), torch.outer(w.sum(1), w.sum(0)) / w.sum(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            r1.get("0.weight").double(), torch.outer(w.sum(1), w.sum(0)) / w.sum(), rtol=1e-6, atol=0
+        )
         assert r1.representation("0.bias") == "exact"
 
 
@@ -426,6 +467,7 @@ def test_export_refuses_sharded_states_and_empty_optimizers(tmp_path):
 
 
 # --- CLI -------------------------------------------------------------------------------------------
+
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
@@ -452,12 +494,24 @@ def _garbage(tmp_path):
 
 BAD_CLI = {
     "missing source": (lambda tmp: ["convert", tmp / "nope", tmp / "out" / "a.sc"], "no such file or folder"),
-    "bad rank": (lambda tmp: ["convert", NAMED, tmp / "out" / "a.sc", "--rank", "two"], "expected 'exact' or a positive"),
-    "bad dtype": (lambda tmp: ["convert", NAMED, tmp / "out" / "a.sc", "--dtype", "int8"], "expected fp32, bf16 or fp16"),
+    "bad rank": (
+        lambda tmp: ["convert", NAMED, tmp / "out" / "a.sc", "--rank", "two"],
+        "expected 'exact' or a positive",
+    ),
+    "bad dtype": (
+        lambda tmp: ["convert", NAMED, tmp / "out" / "a.sc", "--dtype", "int8"],
+        "expected fp32, bf16 or fp16",
+    ),
     "corrupt source": (lambda tmp: ["convert", _garbage(tmp), tmp / "out" / "a.sc"], "not valid JSON"),
-    "folder without optimizer": (lambda tmp: ["convert", FIXTURES / "tiny-llama-base", tmp / "out" / "a.sc"], "no optimizer.pt"),
+    "folder without optimizer": (
+        lambda tmp: ["convert", FIXTURES / "tiny-llama-base", tmp / "out" / "a.sc"],
+        "no optimizer.pt",
+    ),
     "output is a folder": (lambda tmp: ["convert", NAMED, tmp / "out"], "is a folder"),
-    "output exists": (lambda tmp: ["convert", NAMED, (tmp / "out" / "x.sc", (tmp / "out" / "x.sc").write_text("x"))[0]], "--overwrite"),
+    "output exists": (
+        lambda tmp: ["convert", NAMED, (tmp / "out" / "x.sc", (tmp / "out" / "x.sc").write_text("x"))[0]],
+        "--overwrite",
+    ),
     "inspect non-sidecar": (lambda tmp: ["inspect", TRAINER / "config.json"], "not a streammerge sidecar"),
     "inspect missing": (lambda tmp: ["inspect", tmp / "nope.sc"], "cannot open"),
 }
@@ -478,8 +532,10 @@ def test_cli_bad_input_one_line_no_traceback_nothing_written(tmp_path, case):
 
 # --- rank-1 factors for the merge ----------------------------------------------------------------------
 
+
 def test_rank1_chunk_gives_the_same_values_as_get_flat(tmp_path):
     from streammerge.io.second_moment_factors import Factored
+
     _write(tmp_path / "a.sc", {"m": _v(37, 23), "vec": _v(50), "cube": _v(4, 5, 6)}, rank=1)
     sc = sidecar.load(tmp_path / "a.sc")
     assert sc.rank1_chunk("vec", 0, 50) is None  # 1-D stays exact: no factors

@@ -6,9 +6,9 @@ import zlib
 
 import pytest
 from click.testing import CliRunner
+from conftest import FIXTURES
 
 import streammerge
-from conftest import FIXTURES
 from streammerge.cli import main
 from streammerge.errors import OutputError
 from streammerge.io.journal import JOURNAL_VERSION, Journal, TensorRecord, _encode, journal_path, read_journal
@@ -115,6 +115,8 @@ def test_journal_reading_stops_at_a_torn_or_damaged_line(tmp_path):
 def test_journal_of_another_version_is_refused(tmp_path):
     out = tmp_path / "out"
     (out / ".streammerge").mkdir(parents=True)
-    journal_path(out).write_bytes(_encode({"kind": "begin", "format": "streammerge-journal", "version": JOURNAL_VERSION + 1}))
+    journal_path(out).write_bytes(
+        _encode({"kind": "begin", "format": "streammerge-journal", "version": JOURNAL_VERSION + 1})
+    )
     with pytest.raises(OutputError, match="journal version 2 is not 1; re-run with --restart"):
         read_journal(out)

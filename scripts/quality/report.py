@@ -111,16 +111,23 @@ def write_plot(results: dict, path: Path) -> str | None:
     ys = range(len(rows))[::-1]
     ax.barh(list(ys), [100 * r["avg"] if r["status"] == "ok" else 0 for r in rows],
             color=[colours[FAMILY[r["experts"]]] for r in rows])
-    for y, r in zip(ys, rows):
+    for y, r in zip(ys, rows, strict=False):
         if r["status"] != "ok":
-            ax.text(1, y, r["status"] if r["status"] == "not available" else "failed", va="center", fontsize=7, color="gray")
+            ax.text(
+                1, y, r["status"] if r["status"] == "not available" else "failed", va="center", fontsize=7, color="gray"
+            )
     ax.set_yticks(list(ys), labels, fontsize=8)
     base = 100 * sum(results["base"]["test"].values()) / len(results["tasks"])
     ax.axvline(base, color="black", linestyle="--", linewidth=1, label=f"base ({base:.1f})")
     for family, experts in results["experts"].items():
         own = 100 * sum(e["test"][t] for t, e in experts.items()) / len(experts)
-        ax.axvline(own, color=colours[family], linestyle=":", linewidth=1.5,
-                   label=f"{FAMILY_LABEL[family]} experts on own task ({own:.1f})")
+        ax.axvline(
+            own,
+            color=colours[family],
+            linestyle=":",
+            linewidth=1.5,
+            label=f"{FAMILY_LABEL[family]} experts on own task ({own:.1f})",
+        )
     if results.get("multitask"):
         mt = 100 * sum(results["multitask"]["test"].values()) / len(results["tasks"])
         ax.axvline(mt, color="gray", linestyle="-.", linewidth=1, label=f"multi-task full FT ({mt:.1f})")

@@ -46,7 +46,7 @@ Generator = Callable[[random.Random, bool], Example]
 
 
 # two fixed random permutations of the letters (seeded by their names: the same on every run)
-TABLES = {o: dict(zip(LETTERS, random.Random(f"table {o}").sample(LETTERS, len(LETTERS)))) for o in "+?"}
+TABLES = {o: dict(zip(LETTERS, random.Random(f"table {o}").sample(LETTERS, len(LETTERS)), strict=False)) for o in "+?"}
 
 
 def _sub(rng: random.Random, pretrain: bool) -> Example:
@@ -144,7 +144,9 @@ def make_tasks(names: list[str], n_train: int, n_val: int, n_test: int, seed: in
     return {n: make_task(n, n_train, n_val, n_test, seed) for n in names}
 
 
-def training_batch(pools: list[Split], batch: int, seq_len: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def training_batch(
+    pools: list[Split], batch: int, seq_len: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch drawn uniformly over ``pools`` (one per task), then over examples; right-padded.
 
     Returns input_ids and labels, both (batch, seq_len) int64; labels are -100 except on the answer

@@ -190,7 +190,9 @@ def read_journal(out_dir: Path) -> JournalState | None:
             state = JournalState(obj.get("plan", {}), str(obj.get("fingerprint")))
         elif kind == "tensor":
             try:
-                rec = TensorRecord(str(obj["name"]), str(obj["shard"]), int(obj["offset"]), int(obj["length"]), int(obj["crc32"]))
+                rec = TensorRecord(
+                    str(obj["name"]), str(obj["shard"]), int(obj["offset"]), int(obj["length"]), int(obj["crc32"])
+                )
             except (KeyError, TypeError, ValueError):
                 break
             state.records[rec.name] = rec
@@ -220,8 +222,15 @@ class Journal:
         path.parent.mkdir(exist_ok=True)
         fd = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         journal = cls(path, fd)
-        journal._append({"kind": "begin", "format": JOURNAL_FORMAT, "version": JOURNAL_VERSION,
-                         "fingerprint": fingerprint(summary), "plan": summary})
+        journal._append(
+            {
+                "kind": "begin",
+                "format": JOURNAL_FORMAT,
+                "version": JOURNAL_VERSION,
+                "fingerprint": fingerprint(summary),
+                "plan": summary,
+            }
+        )
         journal.sync()
         return journal
 
@@ -248,8 +257,16 @@ class Journal:
                 raise OutputError(_write_error(self.path, e, "append to the resume journal")) from e
 
     def record(self, rec: TensorRecord) -> None:
-        self._append({"kind": "tensor", "name": rec.name, "shard": rec.shard, "offset": rec.offset,
-                      "length": rec.length, "crc32": rec.crc32})
+        self._append(
+            {
+                "kind": "tensor",
+                "name": rec.name,
+                "shard": rec.shard,
+                "offset": rec.offset,
+                "length": rec.length,
+                "crc32": rec.crc32,
+            }
+        )
 
     def sync(self) -> None:
         """Make every line appended so far durable (the caller fsyncs the data first)."""

@@ -53,7 +53,9 @@ def hf_trainer_groups(
     return tuple(n for n in names if decays(n)), tuple(n for n in names if not decays(n))
 
 
-def candidate_layouts(names: list[str], layernorm_params: Collection[str], n_groups: int, ordered: bool) -> list[Layout]:
+def candidate_layouts(
+    names: list[str], layernorm_params: Collection[str], n_groups: int, ordered: bool
+) -> list[Layout]:
     """The layouts a checkpoint with ``n_groups`` param groups may have (duplicates removed)."""
     if n_groups == 1:
         return [Layout("one group of all parameters", (tuple(names),), ordered)]
@@ -61,8 +63,11 @@ def candidate_layouts(names: list[str], layernorm_params: Collection[str], n_gro
         return []
     layouts = [
         Layout("HF Trainer groups (decay, then biases and norms)", hf_trainer_groups(names, layernorm_params), ordered),
-        Layout("HF Trainer groups, older rule (only biases and nn.LayerNorm undecayed)",
-               hf_trainer_groups(names, layernorm_params, LEGACY_NO_DECAY_PATTERNS), ordered),
+        Layout(
+            "HF Trainer groups, older rule (only biases and nn.LayerNorm undecayed)",
+            hf_trainer_groups(names, layernorm_params, LEGACY_NO_DECAY_PATTERNS),
+            ordered,
+        ),
     ]
     unique: list[Layout] = []
     for layout in layouts:
@@ -72,23 +77,29 @@ def candidate_layouts(names: list[str], layernorm_params: Collection[str], n_gro
 
 
 def _fit(
-    layout: Layout, group_ids: list[list[int]], state_shapes: Mapping[int, tuple[int, ...]],
+    layout: Layout,
+    group_ids: list[list[int]],
+    state_shapes: Mapping[int, tuple[int, ...]],
     shapes: Mapping[str, tuple[int, ...]],
 ) -> tuple[dict[int, str] | None, str, bool]:
     """The assignment ``layout`` gives, or None, why it does not fit and whether that is an ambiguity."""
     if len(layout.groups) != len(group_ids):
         return None, f"{len(group_ids)} param groups, the layout has {len(layout.groups)}", False
     out: dict[int, str] = {}
-    for g, (ids, names) in enumerate(zip(group_ids, layout.groups)):
+    for g, (ids, names) in enumerate(zip(group_ids, layout.groups, strict=False)):
         if len(ids) != len(names):
             return None, f"param group {g} has {len(ids)} ids, the layout puts {len(names)} parameters there", False
         missing = [n for n in names if n not in shapes]
         if missing:
             return None, f"{missing[0]!r} is not in the checkpoint's weights", False
         if layout.ordered:
-            for i, name in zip(ids, names):
+            for i, name in zip(ids, names, strict=False):
                 if i in state_shapes and tuple(state_shapes[i]) != tuple(shapes[name]):
-                    return None, f"state {i} has shape {list(state_shapes[i])} but {name!r} has {list(shapes[name])}", False
+                    return (
+                        None,
+                        f"state {i} has shape {list(state_shapes[i])} but {name!r} has {list(shapes[name])}",
+                        False,
+                    )
                 out[i] = name
             continue
         by_shape: dict[tuple[int, ...], list[str]] = {}
@@ -99,15 +110,24 @@ def _fit(
                 return None, f"state {i} is absent, so its shape cannot place it (the parameter order is needed)", True
             candidates = by_shape.get(tuple(state_shapes[i]), [])
             if len(candidates) != 1:
-                what = "no parameter" if not candidates else f"{len(candidates)} parameters ({', '.join(candidates[:3])})"
-                return None, f"state {i} of shape {list(state_shapes[i])} fits {what} in param group {g}", len(candidates) > 1
+                what = (
+                    "no parameter" if not candidates else f"{len(candidates)} parameters ({', '.join(candidates[:3])})"
+                )
+                return (
+                    None,
+                    f"state {i} of shape {list(state_shapes[i])} fits {what} in param group {g}",
+                    len(candidates) > 1,
+                )
             out[i] = candidates.pop()
     return out, "", False
 
 
 def assign_names(
-    group_ids: list[list[int]], state_shapes: Mapping[int, tuple[int, ...]], layouts: list[Layout],
-    shapes: Mapping[str, tuple[int, ...]], where: str,
+    group_ids: list[list[int]],
+    state_shapes: Mapping[int, tuple[int, ...]],
+    layouts: list[Layout],
+    shapes: Mapping[str, tuple[int, ...]],
+    where: str,
 ) -> dict[int, str]:
     """Map every param id to its name: the one assignment that the candidate ``layouts`` agree on.
 
@@ -140,5 +160,7 @@ def assign_names(
     if not fits:
         raise CheckpointError(f"{where}: cannot name the optimizer states ({'; '.join(reasons)})")
     rules = " and ".join(f"'{layout.rule}'" for layout, _ in fits)
-    raise CheckpointError(f"{where}: ambiguous parameter names: {rules} both fit with different names; "
-                          "export the second moments by name from the training process instead")
+    raise CheckpointError(
+        f"{where}: ambiguous parameter names: {rules} both fit with different names; "
+        "export the second moments by name from the training process instead"
+    )

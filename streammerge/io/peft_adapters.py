@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from .hf_files import read_json_object
 from .peft_keys import (
     LORA_REFUSED_INITS,
     LORA_REFUSED_OPTIONS,
@@ -50,7 +51,6 @@ from .peft_keys import (
     parse_key,
     pattern_value,
 )
-from .hf_files import read_json_object
 from .reader import Checkpoint, open_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -119,7 +119,9 @@ class PeftAdapter:
 
     def _check_shape(self, base: Checkpoint, name: str, key: str, expected: tuple[int, ...]) -> None:
         if name not in base:
-            raise CheckpointError(f"{self.file}: tensor {key!r} acts on {name!r}, which the base model {base.path} lacks")
+            raise CheckpointError(
+                f"{self.file}: tensor {key!r} acts on {name!r}, which the base model {base.path} lacks"
+            )
         have = tuple(base.meta(name).shape)
         if have != tuple(expected):
             raise CheckpointError(
@@ -164,7 +166,9 @@ class OftAdapter(PeftAdapter):
         self.r = int(self._option("r", 0))
         self.config_block_size = int(self._option("oft_block_size", 0))
         if (self.r != 0) == (self.config_block_size != 0):
-            raise CheckpointError(f"{where}: exactly one of r ({self.r}) and oft_block_size ({self.config_block_size}) must be non-zero")
+            raise CheckpointError(
+                f"{where}: exactly one of r ({self.r}) and oft_block_size ({self.config_block_size}) must be non-zero"
+            )
         neumann = bool(self._option("use_cayley_neumann", True))  # OFTConfig's default
         terms = int(self._option("num_cayley_neumann_terms", 5))
         if neumann and terms < 1:
@@ -192,11 +196,15 @@ class OftAdapter(PeftAdapter):
         super().validate(base)
         for name, m in self.modules.items():
             if name not in base:
-                raise CheckpointError(f"{self.file}: tensor {m.key!r} rotates {name!r}, which the base model {base.path} lacks")
+                raise CheckpointError(
+                    f"{self.file}: tensor {m.key!r} rotates {name!r}, which the base model {base.path} lacks"
+                )
             shape = tuple(base.meta(name).shape)
             if len(shape) != 2:
-                raise CheckpointError(f"{self.file}: tensor {m.key!r} targets {name!r} of shape {shape}; only Linear "
-                                      "and Embedding OFT layers are supported (not Conv2d)")
+                raise CheckpointError(
+                    f"{self.file}: tensor {m.key!r} targets {name!r} of shape {shape}; only Linear "
+                    "and Embedding OFT layers are supported (not Conv2d)"
+                )
             in_features = shape[1]
             expected = oft_block_size(in_features, self.r, self.config_block_size)
             blocks = 1 if self.rotation.block_share else in_features // expected
@@ -253,22 +261,37 @@ class LoraAdapter(PeftAdapter):
 
     def _add_module(self, module: str, parts: dict[str, AdapterKey]) -> None:
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-        a, b = (parts.get("lora_embedding_A"), parts.get("lora_embedding_B")) if embedding else (parts.get("lora_A"), parts.get("lora_B"))
+        a, b = (
+            (parts.get("lora_embedding_A"), parts.get("lora_embedding_B"))
+            if embedding
+            else (parts.get("lora_A"), parts.get("lora_B"))
+        )
         if a is None or b is None:
             present = ", ".join(k.key for k in parts.values())
             raise CheckpointError(f"{self.file}: module {module!r} has {present} but not both LoRA A and B")
         a_shape, b_shape = self.weights.meta(a.key).shape, self.weights.meta(b.key).shape
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise CheckpointError(f"{self.file}: {a.key!r} {tuple(a_shape)} and {b.key!r} {tuple(b_shape)} are not r x in and out x r")
+            raise CheckpointError(
+                f"{self.file}: {a.key!r} {tuple(a_shape)} and {b.key!r} {tuple(b_shape)} are not r x in and out x r"
+            )
         rank = a_shape[0]
         expected_rank = pattern_value(self.config.get("rank_pattern"), module, self._option("r", 8))
         if rank != expected_rank:
-            raise CheckpointError(f"{self.file}: {a.key!r} has rank {rank}, but the config (r / rank_pattern) says {expected_rank}")
+            raise CheckpointError(
+                f"{self.file}: {a.key!r} has rank {rank}, but the config (r / rank_pattern) says {expected_rank}"
+            )
         alpha = pattern_value(self.config.get("alpha_pattern"), module, self._option("lora_alpha", 8))
         scaling = lora_scaling(float(alpha), rank, bool(self._option("use_rslora", False)))
         target = module + ".weight"
-        self.modules[target] = LoraModule(target, a.key, b.key, embedding, rank, scaling,
-                                          bool(self._option("fan_in_fan_out", False)) and not embedding)
+        self.modules[target] = LoraModule(
+            target,
+            a.key,
+            b.key,
+            embedding,
+            rank,
+            scaling,
+            bool(self._option("fan_in_fan_out", False)) and not embedding,
+        )
         if "lora_B_bias" in parts:
             self.biases[module + ".bias"] = (parts["lora_B_bias"].key, scaling)
 
@@ -285,8 +308,9 @@ class LoraAdapter(PeftAdapter):
         for name, (key, _) in self.biases.items():
             self._check_shape(base, name, key, tuple(self.weights.meta(key).shape))
 
-    def delta(self, name: str, device: torch.device | str | None = None,
-              rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+    def delta(
+        self, name: str, device: torch.device | str | None = None, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor | None:
         """s·B·A for base weight ``name`` (s·b for a ``lora_bias`` bias), fp32, in the base's layout; None
         if this adapter does not touch ``name``. ``rows``: only rows [r0, r1) of that (first-dim entries
         of a bias). Read on the CPU, computed on ``device``."""
@@ -325,8 +349,10 @@ def open_adapter(path: str | Path, base: Checkpoint | None = None) -> OftAdapter
     kind = str(config.get("peft_type", "")).upper()
     where = folder / ADAPTER_CONFIG
     if kind == "BOFT":
-        raise CheckpointError(f"{where}: BOFT adapters (boft_R butterfly factors + boft_s) are not supported; "
-                              "merge it into the model with PEFT first")
+        raise CheckpointError(
+            f"{where}: BOFT adapters (boft_R butterfly factors + boft_s) are not supported; "
+            "merge it into the model with PEFT first"
+        )
     if kind not in ("OFT", "LORA"):
         raise CheckpointError(f"{where}: peft_type {config.get('peft_type')!r} is not supported (OFT and LORA are)")
     weights = open_checkpoint(_weights_file(folder))
@@ -340,13 +366,14 @@ def open_adapter(path: str | Path, base: Checkpoint | None = None) -> OftAdapter
     return adapter
 
 
-
-
 def _rotation_fields(a: OftAdapter) -> dict[str, Any]:
     """What decides a generator's meaning; the Neumann convention only matters with Neumann."""
     m = a.rotation
-    return {"cayley": "exact" if m.neumann_terms is None else f"neumann, {m.neumann_terms} terms, {m.neumann_convention}",
-            "coft eps": m.coft_eps, "block_share": m.block_share}
+    return {
+        "cayley": "exact" if m.neumann_terms is None else f"neumann, {m.neumann_terms} terms, {m.neumann_convention}",
+        "coft eps": m.coft_eps,
+        "block_share": m.block_share,
+    }
 
 
 def common_rotation_map(adapters: list[OftAdapter]) -> OftRotationMap:

@@ -38,7 +38,15 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .safetensors_format import MAX_HEADER_BYTES, TORCH_TO_ST, TensorEntry, TensorSpec, decode_json, is_utf8, parse_header
+from .safetensors_format import (
+    MAX_HEADER_BYTES,
+    TORCH_TO_ST,
+    TensorEntry,
+    TensorSpec,
+    decode_json,
+    is_utf8,
+    parse_header,
+)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -108,7 +116,9 @@ class Checkpoint:
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    def __init__(self, path: Path, shard_paths: list[Path], weight_map: dict[str, Path] | None, index: Path | None = None):
+    def __init__(
+        self, path: Path, shard_paths: list[Path], weight_map: dict[str, Path] | None, index: Path | None = None
+    ):
         metas: dict[str, TensorMeta] = {}
         self._entries: dict[str, TensorEntry] = {}
         # One descriptor per shard, opened when its header is validated and kept until close(): the
@@ -165,8 +175,9 @@ class SafetensorsCheckpoint(Checkpoint):
         self._fds.clear()
 
 
-def _check_listed(name: str, shard: Path, weight_map: dict[str, Path] | None, index: Path | None,
-                  seen: dict[str, TensorMeta]) -> None:
+def _check_listed(
+    name: str, shard: Path, weight_map: dict[str, Path] | None, index: Path | None, seen: dict[str, TensorMeta]
+) -> None:
     """Refuse a tensor that the index does not assign to ``shard``, or that another shard also holds."""
     if weight_map is not None and weight_map.get(name) != shard:
         listed = weight_map.get(name)
@@ -197,12 +208,20 @@ def _pread_into(fd: int, out: torch.Tensor, offset: int, file: Path) -> None:
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
-            raise CheckpointError(f"{file}: unexpected end of file at byte {offset + done} (file changed or truncated?)")
+            raise CheckpointError(
+                f"{file}: unexpected end of file at byte {offset + done} (file changed or truncated?)"
+            )
         done += n
 
 
-_FILE_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
-               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symlink"}
+_FILE_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symlink",
+}
 
 
 def _open_regular(path: Path) -> int:
@@ -233,7 +252,9 @@ def _pread_all(fd: int, size: int, offset: int, file: Path) -> bytes:
     while done < size:
         chunk = os.pread(fd, size - done, offset + done)
         if not chunk:
-            raise CheckpointError(f"{file}: unexpected end of file at byte {offset + done} (file changed or truncated?)")
+            raise CheckpointError(
+                f"{file}: unexpected end of file at byte {offset + done} (file changed or truncated?)"
+            )
         parts.append(chunk)
         done += len(chunk)
     return b"".join(parts)
@@ -258,7 +279,9 @@ def _read_safetensors_header(path: Path) -> tuple[int, dict[str, TensorEntry], d
 class BinCheckpoint(Checkpoint):
     """``pytorch_model.bin`` shards, read with ``torch.load(weights_only=True)``: no pickle code runs."""
 
-    def __init__(self, path: Path, shard_paths: list[Path], weight_map: dict[str, Path] | None, index: Path | None = None):
+    def __init__(
+        self, path: Path, shard_paths: list[Path], weight_map: dict[str, Path] | None, index: Path | None = None
+    ):
         metas: dict[str, TensorMeta] = {}
         for shard in shard_paths:
             for name, t in _load_bin(shard).items():
@@ -290,7 +313,10 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
         os.close(fd)
     is_zip = magic == b"PK\x03\x04"
     if not is_zip and not magic.startswith(b"\x80"):  # torch.save: a zip, or (legacy) a pickle of protocol >= 2
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle); the file is corrupt or truncated")
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle); "
+            "the file is corrupt or truncated"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr
@@ -307,7 +333,9 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:
         # A corrupt archive or pickle surfaces as RuntimeError, KeyError, EOFError, ValueError, ...
         # depending on where torch's loader trips; all of them mean the same thing to the user.
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_torch_reason(e)}); the file is corrupt or truncated") from e
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({_torch_reason(e)}); the file is corrupt or truncated"
+        ) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
@@ -352,8 +380,12 @@ def _shard_path(folder: Path, name: object, source: Path | None, what: str = "we
     who = f"{source}: shard {name!r}" if source is not None else f"{folder / str(name)}:"
     fix = "fix the index" if source is not None else "a model's files must be regular files in its folder"
     if (
-        not isinstance(name, str) or not name or "\x00" in name or not is_utf8(name)
-        or os.path.isabs(name) or ".." in Path(name).parts
+        not isinstance(name, str)
+        or not name
+        or "\x00" in name
+        or not is_utf8(name)
+        or os.path.isabs(name)
+        or ".." in Path(name).parts
     ):
         raise CheckpointError(f"{who} is not a relative file name inside {folder}; {fix}")
     path = folder / name
@@ -381,7 +413,9 @@ def _read_index(index: Path) -> tuple[dict[str, Path], list[Path]]:
     try:
         size = os.fstat(fd).st_size
         if size > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{index}: is {size} bytes, over the {MAX_HEADER_BYTES}-byte limit for an index; the file is corrupt")
+            raise CheckpointError(
+                f"{index}: is {size} bytes, over the {MAX_HEADER_BYTES}-byte limit for an index; the file is corrupt"
+            )
         raw = _pread_all(fd, size, 0, index)
     except OSError as e:
         raise CheckpointError(f"{index}: cannot read ({e.strerror})") from e
@@ -397,7 +431,9 @@ def _read_index(index: Path) -> tuple[dict[str, Path], list[Path]]:
         if not is_utf8(tensor):
             raise CheckpointError(f"{index}: tensor name {tensor!r} is not valid Unicode; fix the index")
         if not isinstance(shard_name, str):
-            raise CheckpointError(f"{index}: tensor {tensor!r} maps to {shard_name!r}, not a shard file name; fix the index")
+            raise CheckpointError(
+                f"{index}: tensor {tensor!r} maps to {shard_name!r}, not a shard file name; fix the index"
+            )
         if shard_name not in paths:
             paths[shard_name] = _shard_path(index.parent, shard_name, index)
         resolved[tensor] = paths[shard_name]

@@ -134,9 +134,13 @@ def decode_json(raw: bytes, path: str, what: str) -> object:
     try:
         return json.loads(text, object_pairs_hook=strict_json_object_pairs)
     except _DuplicateKey as e:
-        raise CheckpointError(f"{path}: {what} names {_short(e.args[0], 200)} twice; the file is corrupt or was tampered with") from e
+        raise CheckpointError(
+            f"{path}: {what} names {_short(e.args[0], 200)} twice; the file is corrupt or was tampered with"
+        ) from e
     except RecursionError as e:
-        raise CheckpointError(f"{path}: {what} is JSON nested too deeply to be a checkpoint; the file is corrupt") from e
+        raise CheckpointError(
+            f"{path}: {what} is JSON nested too deeply to be a checkpoint; the file is corrupt"
+        ) from e
     except ValueError as e:  # JSONDecodeError, and int() of a number with too many digits
         raise CheckpointError(f"{path}: {what} is not valid JSON ({str(e)[:200]}); the file is corrupt") from e
     except MemoryError as e:
@@ -152,7 +156,9 @@ def is_utf8(text: str) -> bool:
     return True
 
 
-def parse_header(raw_len: bytes, read_header, file_size: int, path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+def parse_header(
+    raw_len: bytes, read_header, file_size: int, path: str
+) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Validate and parse a safetensors header.
 
     ``raw_len`` is the first 8 bytes; ``read_header(n)`` returns the next ``n`` bytes. Every check the
@@ -194,7 +200,9 @@ def parse_header(raw_len: bytes, read_header, file_size: int, path: str) -> tupl
     if cursor != file_size:
         if cursor > file_size:
             raise CheckpointError(f"{path}: data runs to byte {cursor} but the file has {file_size} bytes (truncated?)")
-        raise CheckpointError(f"{path}: {file_size - cursor} bytes after the last tensor are not covered by the header (corrupt file)")
+        raise CheckpointError(
+            f"{path}: {file_size - cursor} bytes after the last tensor are not covered by the header (corrupt file)"
+        )
     return entries, metadata
 
 
@@ -217,21 +225,27 @@ def bounded_numel(shape: list[int], limit: int) -> int | None:
 def _parse_entry(name: str, info: object, data_start: int, path: str) -> TensorEntry:
     where = f"{path}: tensor {_short(name, 200)}"
     if not is_utf8(name):
-        raise CheckpointError(f"{path}: tensor name {_short(name, 200)} is not valid Unicode (lone surrogate); the file is corrupt")
+        raise CheckpointError(
+            f"{path}: tensor name {_short(name, 200)} is not valid Unicode (lone surrogate); the file is corrupt"
+        )
     if not isinstance(info, dict):
         raise CheckpointError(f"{where}: header entry is not an object (corrupt header)")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_TENSOR_BYTES for d in shape):
-        raise CheckpointError(f"{where}: shape {_short(shape)} is not a list of non-negative 64-bit integers (corrupt header)")
+        raise CheckpointError(
+            f"{where}: shape {_short(shape)} is not a list of non-negative 64-bit integers (corrupt header)"
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise CheckpointError(f"{where}: data_offsets {_short(offsets)} is not [begin, end] with 0 <= begin <= end (corrupt header)")
+        raise CheckpointError(
+            f"{where}: data_offsets {_short(offsets)} is not [begin, end] with 0 <= begin <= end (corrupt header)"
+        )
     size = itemsize(dtype)
     numel = bounded_numel(shape, MAX_TENSOR_BYTES // size)
     if numel is None:

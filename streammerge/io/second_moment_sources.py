@@ -159,7 +159,8 @@ def _optimizer_metadata(sd: dict, path: Path, steps: list[int | None]) -> dict[s
 
 
 def _check_state_dict(sd: object, path: Path) -> tuple[dict, list[dict]]:
-    if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) or not isinstance(sd.get("param_groups"), list):
+    well_formed = isinstance(sd, dict) and isinstance(sd.get("state"), dict)
+    if not well_formed or not isinstance(sd.get("param_groups"), list):
         raise CheckpointError(f"{path}: not an optimizer state dict (expected 'state' and 'param_groups')")
     groups = sd["param_groups"]
     if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
@@ -192,8 +193,14 @@ def _torch_dict_source(path: Path, model_dir: Path | None, use_transformers: boo
                 "weights) or convert the whole Trainer checkpoint folder"
             )
         return _id_state_source(path, mapped, obj, model_dir, model_dir, use_transformers)
-    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"{path}: expected a dict of parameter name -> exp_avg_sq tensor, or an optimizer state dict")
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
+        raise CheckpointError(
+            f"{path}: expected a dict of parameter name -> exp_avg_sq tensor, or an optimizer state dict"
+        )
     keys = {name: ((name,), None) for name in obj}
     return _torch_source(path, "name-keyed torch dict", mapped, {"source": str(path)}, keys)
 
@@ -225,7 +232,9 @@ def _model_parameters(config_dir: Path) -> tuple[list[str], set[str], str] | str
     return names, layernorm, type(model).__name__
 
 
-def name_layouts(group_count: int, weights: Checkpoint, config_dir: Path, use_transformers: bool) -> tuple[list[Layout], str]:
+def name_layouts(
+    group_count: int, weights: Checkpoint, config_dir: Path, use_transformers: bool
+) -> tuple[list[Layout], str]:
     """Candidate layouts for an id-keyed state, and where their names come from (for metadata)."""
     reason = "not tried"
     if use_transformers:
@@ -236,14 +245,18 @@ def name_layouts(group_count: int, weights: Checkpoint, config_dir: Path, use_tr
         reason = found
     # Fallback: a single pickled .bin keeps state_dict order; safetensors headers are sorted by name.
     ordered = isinstance(weights, BinCheckpoint) and len(weights.files) == 1
-    log.info("naming optimizer states without transformers (%s); checkpoint order %s", reason,
-             "kept" if ordered else "unknown, matching by shape")
+    log.info(
+        "naming optimizer states without transformers (%s); checkpoint order %s",
+        reason,
+        "kept" if ordered else "unknown, matching by shape",
+    )
     how = "checkpoint tensor order" if ordered else "checkpoint tensor shapes"
     return candidate_layouts(weights.names(), (), group_count, ordered), f"{how} ({reason})"
 
 
-def _id_state_source(path: Path, mapped: MappedTorchFile, sd: dict, weights_dir: Path, config_dir: Path,
-                     use_transformers: bool) -> Source:
+def _id_state_source(
+    path: Path, mapped: MappedTorchFile, sd: dict, weights_dir: Path, config_dir: Path, use_transformers: bool
+) -> Source:
     state, groups = _check_state_dict(sd, path)
     group_ids = [list(g["params"]) for g in groups]
     flat = [i for ids in group_ids for i in ids]
@@ -263,16 +276,23 @@ def _id_state_source(path: Path, mapped: MappedTorchFile, sd: dict, weights_dir:
     keys = {names[i]: (("state", i, "exp_avg_sq"), _step(state[i].get("step"))) for i in flat if i in state}
     skipped = [names[i] for i in flat if i not in state]
     if skipped:
-        log.warning("%s: %d parameters have no optimizer state (never updated), e.g. %s", path, len(skipped), skipped[0])
-    meta = {"source": str(path), **_optimizer_metadata(sd, path, [s for _, s in keys.values()]), "names_from": names_from}
+        log.warning(
+            "%s: %d parameters have no optimizer state (never updated), e.g. %s", path, len(skipped), skipped[0]
+        )
+    meta = {
+        "source": str(path),
+        **_optimizer_metadata(sd, path, [s for _, s in keys.values()]),
+        "names_from": names_from,
+    }
     return _torch_source(path, "optimizer state (integer ids)", mapped, meta, keys)
 
 
 def _trainer_source(folder: Path, model_dir: Path | None, use_transformers: bool) -> Source:
     weights_dir = next((d for d in (model_dir, folder) if d is not None and _has_weights(d)), None)
     if weights_dir is None:
-        raise CheckpointError(f"{folder}: has {OPTIMIZER_FILE} but no model weights to name and check its states; "
-                              "pass --model MODEL_DIR")
+        raise CheckpointError(
+            f"{folder}: has {OPTIMIZER_FILE} but no model weights to name and check its states; pass --model MODEL_DIR"
+        )
     config_dir = model_dir if model_dir is not None and (model_dir / "config.json").is_file() else folder
     mapped = MappedTorchFile(folder / OPTIMIZER_FILE)
     source = _id_state_source(folder / OPTIMIZER_FILE, mapped, mapped.load(), weights_dir, config_dir, use_transformers)
@@ -282,8 +302,15 @@ def _trainer_source(folder: Path, model_dir: Path | None, use_transformers: bool
 
 
 def _has_weights(folder: Path) -> bool:
-    return any((folder / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json",
-                                               "pytorch_model.bin", "pytorch_model.bin.index.json"))
+    return any(
+        (folder / n).is_file()
+        for n in (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        )
+    )
 
 
 def _refuse_sharded(folder: Path) -> None:
@@ -300,7 +327,9 @@ def _refuse_sharded(folder: Path) -> None:
         )
 
 
-def open_source(src: str | os.PathLike, model_dir: str | os.PathLike | None = None, use_transformers: bool = True) -> Source:
+def open_source(
+    src: str | os.PathLike, model_dir: str | os.PathLike | None = None, use_transformers: bool = True
+) -> Source:
     """Open ``src`` for conversion; ``model_dir`` names (and shape-checks) id-keyed optimizer states.
 
     ``use_transformers=False`` skips building the model and names ids from the checkpoint alone.
@@ -324,7 +353,9 @@ def open_source(src: str | os.PathLike, model_dir: str | os.PathLike | None = No
         for name in ckpt.names():
             if not ckpt.meta(name).dtype.is_floating_point:
                 ckpt.close()
-                raise CheckpointError(f"{path}: tensor {name!r} is {ckpt.meta(name).dtype}, not a floating-point second moment")
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} is {ckpt.meta(name).dtype}, not a floating-point second moment"
+                )
         entries = {n: _Entry(None, None, ckpt.meta(n).nbytes) for n in ckpt.names()}
         return Source(path, "name-keyed safetensors", {"source": str(path)}, entries, checkpoint=ckpt)
     if path.suffix in TORCH_SUFFIXES:

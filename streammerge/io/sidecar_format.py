@@ -44,7 +44,7 @@ import torch
 import zstandard
 
 from ..errors import CheckpointError, OutputError
-from .second_moment_factors import Factored, part_shapes, matrix_view
+from .second_moment_factors import Factored, matrix_view, part_shapes
 
 MAGIC = b"\x89SIDECAR"
 VERSION = 1
@@ -107,7 +107,9 @@ def validate_metadata(metadata: object, where: str) -> dict[str, Any]:
         if metadata.get(key) is not None and not isinstance(metadata[key], str):
             raise CheckpointError(f"{where}: metadata {key!r} must be a string or null, not {metadata[key]!r}")
     if metadata.get("step") is not None and not _is_int(metadata["step"]):
-        raise CheckpointError(f"{where}: metadata 'step' must be a non-negative integer or null, not {metadata['step']!r}")
+        raise CheckpointError(
+            f"{where}: metadata 'step' must be a non-negative integer or null, not {metadata['step']!r}"
+        )
     beta2 = metadata.get("beta2")
     if beta2 is not None and not (isinstance(beta2, float) and 0.0 < beta2 < 1.0):
         raise CheckpointError(f"{where}: metadata 'beta2' must be a number in (0, 1) or null, not {beta2!r}")
@@ -189,7 +191,9 @@ def parse_index(raw: bytes, index_offset: int, where: str) -> tuple[dict[str, An
             raise CheckpointError(f"{where}: tensor {name!r}: a frame at byte {begin} {kind}; the index is corrupt")
         cursor = end
     if cursor != index_offset:
-        raise CheckpointError(f"{where}: frames end at byte {cursor} but the index starts at {index_offset}; corrupt file")
+        raise CheckpointError(
+            f"{where}: frames end at byte {cursor} but the index starts at {index_offset}; corrupt file"
+        )
     return metadata, frame_elements, records
 
 
@@ -227,9 +231,13 @@ class SidecarReader:
                 f"{self.path}: sidecar version {version}, this streammerge reads version {VERSION}; upgrade streammerge"
             )
         if flags != 0:
-            raise CheckpointError(f"{self.path}: uses sidecar features this streammerge does not know "
-                                  f"(flags {flags:#x}); upgrade streammerge")
-        index_offset, length, crc, tail_version, tail_magic = FOOTER.unpack(self._pread(size - FOOTER.size, FOOTER.size))
+            raise CheckpointError(
+                f"{self.path}: uses sidecar features this streammerge does not know "
+                f"(flags {flags:#x}); upgrade streammerge"
+            )
+        index_offset, length, crc, tail_version, tail_magic = FOOTER.unpack(
+            self._pread(size - FOOTER.size, FOOTER.size)
+        )
         if tail_magic != MAGIC or tail_version != version:
             raise CheckpointError(f"{self.path}: footer missing or damaged; the file is truncated or corrupt")
         if length > MAX_INDEX_BYTES or index_offset < HEAD.size or index_offset + length + FOOTER.size != size:
@@ -257,7 +265,9 @@ class SidecarReader:
             raise CheckpointError(f"{at}: checksum mismatch; the file is corrupt (convert the second moments again)")
         try:
             if zstandard.frame_content_size(data) != nbytes:
-                raise CheckpointError(f"{at}: frame holds {zstandard.frame_content_size(data)} bytes, expected {nbytes}")
+                raise CheckpointError(
+                    f"{at}: frame holds {zstandard.frame_content_size(data)} bytes, expected {nbytes}"
+                )
             raw = self._dctx.decompress(data, max_output_size=nbytes)
         except zstandard.ZstdError as e:
             raise CheckpointError(f"{at}: cannot decompress ({e}); the file is corrupt") from e
@@ -335,17 +345,22 @@ class SidecarWriter:
                 raise OutputError(f"{self._tmp}: write failed ({e.strerror})") from e
             frames.append((self._offset, len(data), zlib.crc32(data)))
             self._offset += len(data)
-        record = TensorRecord(name, factored.shape, factored.representation, rank, self.dtype,
-                              factored.total, step, tuple(frames))
+        record = TensorRecord(
+            name, factored.shape, factored.representation, rank, self.dtype, factored.total, step, tuple(frames)
+        )
         self.records.append(record)
         self._names.add(name)
         return record
 
     def finish(self, metadata: dict[str, Any]) -> Path:
         """Write index and footer, fsync, rename into place. Returns the final path."""
-        index = {"format": FORMAT, "version": VERSION, "frame_elements": self.frame_elements,
-                 "metadata": validate_metadata(dict(metadata), str(self.path)),
-                 "tensors": [r.to_json() for r in self.records]}
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "frame_elements": self.frame_elements,
+            "metadata": validate_metadata(dict(metadata), str(self.path)),
+            "tensors": [r.to_json() for r in self.records],
+        }
         raw = json.dumps(index, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
         footer = FOOTER.pack(self._offset, len(raw), zlib.crc32(raw), VERSION, MAGIC)
         try:

@@ -76,7 +76,7 @@ def plan_shards(tensors: list[OutputTensor], max_shard_bytes: int) -> list[Shard
         groups[-1].append(t)
         size += t.nbytes
     names = shard_file_names(len(groups))
-    return [ShardPlan(name, group) for name, group in zip(names, groups)]
+    return [ShardPlan(name, group) for name, group in zip(names, groups, strict=False)]
 
 
 def partial_name(file_name: str) -> str:

@@ -29,7 +29,9 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
     if inputs.params.normalize:
         total = sum(e.params.weight for e in inputs.experts)
         if total == 0:
-            raise ConfigError(f"linear: the weights for tensor {inputs.tensor!r} sum to 0; set normalize: false or change them")
+            raise ConfigError(
+                f"linear: the weights for tensor {inputs.tensor!r} sum to 0; set normalize: false or change them"
+            )
         out /= total
     return out
 

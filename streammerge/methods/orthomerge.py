@@ -58,8 +58,8 @@ import torch
 
 from ..errors import ConfigError
 from .base import ChunkInputs, MergeMethod, NoParams
-from .ord_residuals import ResidualMethod, residual_merge
 from .oft import coft_project, fold_oft, oft_generator, oft_rotation_blocks  # noqa: F401  (re-exported)
+from .ord_residuals import ResidualMethod, residual_merge
 from .orthogonal import NeumannConvention, cayley, procrustes_generator, work_dtype
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,8 @@ def decouple_merge(
     labels the report.
 
     Per expert: one matmul W₀ᵀTᵢ, one SVD (d_in × d_in), one matmul UVᵀ, one solve for Qᵢ (det Rᵢ only
-    where that solve flags an eigenvalue near −1, see ``procrustes_generator``). With ``task_arithmetic`` the residuals are never formed: Σρᵢ = ΣWᵢ − W₀·ΣRᵢ, so
+    where that solve flags an eigenvalue near −1, see ``procrustes_generator``).
+    With ``task_arithmetic`` the residuals are never formed: Σρᵢ = ΣWᵢ − W₀·ΣRᵢ, so
     W = W₀·(R̄ − λ·ΣRᵢ) + λ·ΣWᵢ costs one matmul in all (TIES and TSV-M need each ρᵢ: one more each).
     """
     n = len(experts)
@@ -299,8 +300,9 @@ def decouple_merge(
     return merged.to(torch.float32)
 
 
-def _residual_only(w0: torch.Tensor, experts: Sequence[Expert], params: OrthoMergeParams,
-                   report: DecoupleReport | None) -> torch.Tensor:
+def _residual_only(
+    w0: torch.Tensor, experts: Sequence[Expert], params: OrthoMergeParams, report: DecoupleReport | None
+) -> torch.Tensor:
     """W₀ + λ·merge(τ₁ … τ_N), τᵢ = Wᵢ − W₀, fp32."""
     residuals = residual_merge(params.residual_method, len(experts), params.density)
     base = w0.to(torch.float32)
@@ -355,15 +357,21 @@ class OrthoRun:
         if self.oft_rotated:
             lines.append(f"{self.oft_rotated} tensors rotated by merged OFT generators")
         if self.oft_cancelled:
-            lines.append(f"{len(self.oft_cancelled)} tensors: the adapters' generators cancel, identity rotation used "
-                         f"({', '.join(self.oft_cancelled[:3])}{' ...' if len(self.oft_cancelled) > 3 else ''})")
+            lines.append(
+                f"{len(self.oft_cancelled)} tensors: the adapters' generators cancel, identity rotation used "
+                f"({', '.join(self.oft_cancelled[:3])}{' ...' if len(self.oft_cancelled) > 3 else ''})"
+            )
         if d.matrices or d.residual_only:
             sigma = f"; smallest σ_min(Rᵢ + I) {d.min_sigma:.3g}" if d.matrices else ""
-            lines.append(f"{d.matrices} matrices decoupled into rotation + residual, {d.residual_only} merged as "
-                         f"residuals only{sigma}")
+            lines.append(
+                f"{d.matrices} matrices decoupled into rotation + residual, {d.residual_only} merged as "
+                f"residuals only{sigma}"
+            )
         if d.clamped:
-            lines.append(f"{len(d.clamped)} expert rotations had an angle near π and were clamped "
-                         f"(e.g. {d.clamped[0][0]}, expert #{d.clamped[0][1]})")
+            lines.append(
+                f"{len(d.clamped)} expert rotations had an angle near π and were clamped "
+                f"(e.g. {d.clamped[0][0]}, expert #{d.clamped[0][1]})"
+            )
         if d.cancelled:
             lines.append(f"{len(d.cancelled)} tensors: the experts' generators cancel, identity rotation used")
         return lines
@@ -372,18 +380,29 @@ class OrthoRun:
 def describe_path(kinds: Sequence[str], params: OrthoMergeParams) -> str:
     """Which OrthoMerge path experts of these kinds ("model", "lora", "oft") take, in words."""
     if kinds and all(k == "oft" for k in kinds):
-        return (f"OrthoMerge path: OFT rotations of {len(kinds)} adapters merged in the Lie algebra "
-                f"(norm {params.norm_aggregate}, direction {params.direction_weighting}), output {params.output}")
-    counts = ", ".join(f"{sum(k == kind for k in kinds)} {label}" for kind, label in
-                       (("model", "full fine-tune(s)"), ("lora", "LoRA adapter(s)"), ("oft", "OFT adapter(s), folded"))
-                       if kind in kinds)
+        return (
+            f"OrthoMerge path: OFT rotations of {len(kinds)} adapters merged in the Lie algebra "
+            f"(norm {params.norm_aggregate}, direction {params.direction_weighting}), output {params.output}"
+        )
+    counts = ", ".join(
+        f"{sum(k == kind for k in kinds)} {label}"
+        for kind, label in (
+            ("model", "full fine-tune(s)"),
+            ("lora", "LoRA adapter(s)"),
+            ("oft", "OFT adapter(s), folded"),
+        )
+        if kind in kinds
+    )
     extra = f", density {params.density}" if params.residual_method == "ties" else ""
-    return (f"OrthoMerge path: Orthogonal-Residual Decoupling, variant {params.variant}, of {counts}; residuals by "
-            f"{params.residual_method} (lambda {params.lambda_}{extra})")
+    return (
+        f"OrthoMerge path: Orthogonal-Residual Decoupling, variant {params.variant}, of {counts}; residuals by "
+        f"{params.residual_method} (lambda {params.lambda_}{extra})"
+    )
 
 
-def merge_oft(base: torch.Tensor, oft: Sequence[OftInput], params: OrthoMergeParams,
-              name: str = "", run: OrthoRun | None = None) -> torch.Tensor:
+def merge_oft(
+    base: torch.Tensor, oft: Sequence[OftInput], params: OrthoMergeParams, name: str = "", run: OrthoRun | None = None
+) -> torch.Tensor:
     """The OFT path for one base tensor: W₀ (the adapters' replacements averaged, else the base), with the
     merged rotation of the adapters that rotate it folded in (fp32). An adapter that lacks the tensor
     does not count, as in the reference."""
@@ -427,5 +446,6 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
     )
 
 
-METHOD = MergeMethod("orthomerge", merge, OrthoMergeParams, NoParams, base_model="required", elementwise=False,
-                     start_run=OrthoRun)
+METHOD = MergeMethod(
+    "orthomerge", merge, OrthoMergeParams, NoParams, base_model="required", elementwise=False, start_run=OrthoRun
+)

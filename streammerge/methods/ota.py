@@ -52,6 +52,7 @@ from .base import SECOND_MOMENT, SECOND_MOMENT_RANK1, ChunkInputs, MergeMethod, 
 from .base import SECOND_MOMENT_BIAS_CORRECTION as BIAS_CORRECTION
 
 log = logging.getLogger(__name__)
+_CPU = torch.device("cpu")
 
 
 HIST_SHIFT = 13  # bins = the upper 18 bits of a non-negative fp32: 8 exponent + 10 mantissa bits
@@ -77,7 +78,9 @@ class OtaParams:
         if not _number(self.epsilon) or self.epsilon <= 0:
             raise ValueError(f"ota: epsilon must be a number > 0 (it keeps Σ wᵢ positive), got {self.epsilon!r}")
         if self.missing_second_moment not in ("linear", "error"):
-            raise ValueError(f"ota: missing_second_moment must be 'linear' or 'error', got {self.missing_second_moment!r}")
+            raise ValueError(
+                f"ota: missing_second_moment must be 'linear' or 'error', got {self.missing_second_moment!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class OtaModelParams:
 
 
 # --- pure formulas (fp32 tensors in, fresh fp32 tensors out) -----------------------------------------
+
 
 def bias_correction_factor(step: int, beta2: float) -> float:
     """1 / (1 − β₂^step): Adam's second-moment bias correction (step >= 1, 0 < β₂ < 1)."""
@@ -126,6 +130,7 @@ def ffg_mask(s: torch.Tensor, threshold: float) -> torch.Tensor:
 
 # --- global FFG calibration ---------------------------------------------------------------------------
 
+
 def _bits_to_float(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
@@ -137,7 +142,7 @@ def _fp32(x: float) -> float:
 class SaliencyHistogram:
     """Counts of non-negative fp32 values by the upper 18 bits of their bit pattern (1024 bins per octave)."""
 
-    def __init__(self, device: torch.device = torch.device("cpu")):
+    def __init__(self, device: torch.device = _CPU):
         self.counts = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
 
     @staticmethod
@@ -183,7 +188,7 @@ class OtaRun:
     tensor, then ``calibrate()``. Pass 2: ``merge`` with ``inputs.run = run``. Then ``report()``.
     """
 
-    def __init__(self, n_experts: int, device: torch.device = torch.device("cpu")):
+    def __init__(self, n_experts: int, device: torch.device = _CPU):
         self.histograms = [SaliencyHistogram(device) for _ in range(n_experts)]
         self.densities: list[float | None] = [None] * n_experts
         self._resolved = [False] * n_experts
@@ -235,20 +240,30 @@ class OtaRun:
 
     def calibrate(self) -> list[float | None]:
         """Fix each density expert's threshold from its histogram. Returns the thresholds (None: no mask)."""
-        self.thresholds = [None if d is None else h.threshold(d) for h, d in zip(self.histograms, self.densities)]
-        for i, (d, t) in enumerate(zip(self.densities, self.thresholds)):
+        pairs = zip(self.histograms, self.densities, strict=True)
+        self.thresholds = [None if d is None else h.threshold(d) for h, d in pairs]
+        for i, (d, t) in enumerate(zip(self.densities, self.thresholds, strict=False)):
             if d is not None and self.histograms[i].total == 0:
-                log.warning("ota: expert #%d has density %g but no tensor with second moments for every expert; "
-                            "nothing is masked", i, d)
+                log.warning(
+                    "ota: expert #%d has density %g but no tensor with second moments for every expert; "
+                    "nothing is masked",
+                    i,
+                    d,
+                )
             elif d is not None:
-                log.info("ota: expert #%d: density %.4g -> saliency threshold %s over %d entries",
-                         i, d, "none" if t is None else f"{t:.6g}", self.histograms[i].total)
+                log.info(
+                    "ota: expert #%d: density %.4g -> saliency threshold %s over %d entries",
+                    i,
+                    d,
+                    "none" if t is None else f"{t:.6g}",
+                    self.histograms[i].total,
+                )
         return self.thresholds
 
     def report(self) -> list[str]:
         """Human-readable lines: density achieved per masked expert, fallbacks used."""
         lines = []
-        for i, (kept, seen) in enumerate(zip(self.kept, self.seen)):
+        for i, (kept, seen) in enumerate(zip(self.kept, self.seen, strict=False)):
             if seen:
                 want = f"density {self.densities[i]:.4g} requested, " if self.densities[i] is not None else ""
                 t = self.thresholds[i] if self.thresholds and self.thresholds[i] is not None else None
@@ -258,12 +273,16 @@ class OtaRun:
             lines.append(f"{self.all_masked:,} entries had every expert masked and took the fallback")
         if self.missing:
             names = list(self.missing)
-            lines.append(f"{len(names)} tensors lacked a second moment for some expert and were merged linearly: "
-                         + ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
+            lines.append(
+                f"{len(names)} tensors lacked a second moment for some expert and were merged linearly: "
+                + ", ".join(names[:5])
+                + (" ..." if len(names) > 5 else "")
+            )
         return lines
 
 
 # --- the chunk-level merge ------------------------------------------------------------------------------
+
 
 class _Moment:
     """One expert's second moment for the current chunk: a dense tensor, or rank-1 factors that give
@@ -277,8 +296,9 @@ class _Moment:
         """vᵢ for the chunk, fp32 (the caller may modify it)."""
         return self.dense if self.dense is not None else self.rank1.expand().reshape(self.shape)
 
-    def weight(self, v: torch.Tensor | None, scaling_factor: float, power: float, epsilon: float,
-               correction: float = 1.0) -> torch.Tensor:
+    def weight(
+        self, v: torch.Tensor | None, scaling_factor: float, power: float, epsilon: float, correction: float = 1.0
+    ) -> torch.Tensor:
         """wᵢ = cᵢ·(k·vᵢ)^p + ε (k: bias correction). ``v``: the dense v, consumed (modified in place)."""
         if self.rank1 is None:
             if correction != 1.0:
@@ -302,22 +322,28 @@ def _second_moment(inputs: ChunkInputs, i: int, check: bool = True) -> _Moment |
     if rank1 is not None:
         shape = shape if shape is not None else torch.Size([rank1.count])  # flat: the caller reshapes to θᵢ's
         if rank1.count != math.prod(shape):
-            raise StreamMergeError(f"ota: {inputs.tensor}: expert #{i}'s second moment has {rank1.count} elements, "
-                                   f"the tensor chunk {math.prod(shape)}; the sidecar belongs to another model")
+            raise StreamMergeError(
+                f"ota: {inputs.tensor}: expert #{i}'s second moment has {rank1.count} elements, "
+                f"the tensor chunk {math.prod(shape)}; the sidecar belongs to another model"
+            )
         return _Moment(shape, rank1=rank1)
     loader = aux.get(SECOND_MOMENT)
     v = loader() if loader is not None else None
     if v is None:
         return None
     if shape is not None and tuple(v.shape) != tuple(shape):
-        raise StreamMergeError(f"ota: {inputs.tensor}: expert #{i}'s second moment has shape {list(v.shape)}, "
-                               f"the tensor chunk {list(shape)}; the sidecar belongs to another model")
+        raise StreamMergeError(
+            f"ota: {inputs.tensor}: expert #{i}'s second moment has shape {list(v.shape)}, "
+            f"the tensor chunk {list(shape)}; the sidecar belongs to another model"
+        )
     v = v.to(device=inputs.device, dtype=torch.float32)
     if check and v.numel():
         lo, hi = torch.aminmax(v)
         if not (lo >= 0 and torch.isfinite(hi)):
-            raise StreamMergeError(f"ota: {inputs.tensor}: expert #{i}'s second moment has negative, NaN or infinite "
-                                   f"values (min {float(lo):g}, max {float(hi):g}); its sidecar is corrupt")
+            raise StreamMergeError(
+                f"ota: {inputs.tensor}: expert #{i}'s second moment has negative, NaN or infinite "
+                f"values (min {float(lo):g}, max {float(hi):g}); its sidecar is corrupt"
+            )
     return _Moment(v.shape, dense=v)
 
 
@@ -325,8 +351,10 @@ def _correction(inputs: ChunkInputs, i: int) -> float:
     loader = inputs.experts[i].aux.get(BIAS_CORRECTION)
     factor = loader() if loader is not None else None
     if factor is None:
-        raise ConfigError(f"ota: bias_correction: expert #{i} has no step count or beta2 for {inputs.tensor}; "
-                          "its sidecar does not record them (set bias_correction: false)")
+        raise ConfigError(
+            f"ota: bias_correction: expert #{i} has no step count or beta2 for {inputs.tensor}; "
+            "its sidecar does not record them (set bias_correction: false)"
+        )
     return float(factor)
 
 
@@ -339,8 +367,10 @@ def _thresholds(inputs: ChunkInputs, run: OtaRun | None) -> list[float | None]:
         if run is None or run.thresholds is None:
             raise ConfigError(f"ota: expert #{i} has a density but no calibration ran (OtaRun.observe + calibrate)")
         if run.densities[i] != expert.params.density:
-            raise ConfigError(f"ota: expert #{i}: density {expert.params.density} for {inputs.tensor} differs from "
-                              f"the calibrated {run.densities[i]}; density must be one value for the whole model")
+            raise ConfigError(
+                f"ota: expert #{i}: density {expert.params.density} for {inputs.tensor} differs from "
+                f"the calibrated {run.densities[i]}; density must be one value for the whole model"
+            )
         out.append(run.thresholds[i])
     return out
 
@@ -409,7 +439,7 @@ def _linear_merge(inputs: ChunkInputs) -> torch.Tensor:
     if sum(weights) == 0:
         raise ConfigError(f"ota: {inputs.tensor} has no second moment and the scaling_factors sum to 0")
     out = None
-    for expert, c in zip(inputs.experts, weights):
+    for expert, c in zip(inputs.experts, weights, strict=False):
         x = expert.delta(inputs.base) if inputs.base is not None else expert.load()
         x *= c
         out = x if out is None else out.add_(x)
@@ -432,14 +462,18 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
         return merged
     lacking = sorted({merged} | {i for i, e in enumerate(inputs.experts) if SECOND_MOMENT not in e.aux})
     if inputs.params.missing_second_moment == "error":
-        raise ConfigError(f"ota: no second moment for {inputs.tensor} in the sidecar of expert(s) "
-                          f"{', '.join(f'#{i}' for i in lacking)} (missing_second_moment: error)")
+        raise ConfigError(
+            f"ota: no second moment for {inputs.tensor} in the sidecar of expert(s) "
+            f"{', '.join(f'#{i}' for i in lacking)} (missing_second_moment: error)"
+        )
     if run is not None and inputs.tensor not in run.missing:
         run.missing[inputs.tensor] = lacking
-        log.warning("ota: %s: no second moment for expert(s) %s; merged linearly by scaling_factor",
-                    inputs.tensor, lacking)
+        log.warning(
+            "ota: %s: no second moment for expert(s) %s; merged linearly by scaling_factor", inputs.tensor, lacking
+        )
     return _linear_merge(inputs)
 
 
-METHOD = MergeMethod("ota", merge, OtaParams, OtaModelParams, base_model="optional", start_run=OtaRun,
-                     model_keys=frozenset({"sidecar"}))
+METHOD = MergeMethod(
+    "ota", merge, OtaParams, OtaModelParams, base_model="optional", start_run=OtaRun, model_keys=frozenset({"sidecar"})
+)

@@ -40,7 +40,9 @@ def weighted_delta(inputs: ChunkInputs, i: int, sparsify: Sparsifier) -> torch.T
     return delta
 
 
-def merge_task_vectors(inputs: ChunkInputs, sparsify: Sparsifier = _no_sparsify, consensus: bool = False) -> torch.Tensor:
+def merge_task_vectors(
+    inputs: ChunkInputs, sparsify: Sparsifier = _no_sparsify, consensus: bool = False
+) -> torch.Tensor:
     p = inputs.params
     n = len(inputs.experts)
     if n == 0:

@@ -180,7 +180,7 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
         return delta
 
     out = merge_task_vectors(inputs, sparsify, consensus=True)
-    for trim, (kept, seen) in zip(trims, ties):
+    for trim, (kept, seen) in zip(trims, ties, strict=False):
         trim.ties_left -= kept  # later chunks of this tensor see the remaining budget and ties
         trim.ties_total -= seen
     return out
