@@ -90,6 +90,8 @@ def run_adapter_merge(plan, options):
                     gens = [oft_generator(a.generator(name).to(options.device), m.block_size, rotation.coft_eps)
                             for a, m in src]
                     q_bar, cancelled = merge_generators(gens, p.norm_aggregate, p.direction_weighting)
+                    if p.lambda_ != 1:  # as on the model path: the merged angle scaled
+                        q_bar = q_bar * p.lambda_
                     if cancelled:
                         report.append(f"{name}: the adapters' generators cancel; identity rotation written")
                     writer.write(spec.name, q_bar.to(spec.dtype).cpu())

@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from .errors import ConfigError
+from .io.paths import regular_file
 from .methods import METHODS, MergeMethod
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
@@ -92,7 +93,7 @@ def same_path(a: Path, b: Path) -> bool:
 
 
 def load_config(path: str | os.PathLike) -> MergeConfig:
-    p = Path(path)
+    p = regular_file(path, "config", ConfigError)
     try:
         text = p.read_text()
     except OSError as e:
@@ -281,6 +282,8 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {yaml_name(f)} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {yaml_name(f)} must be a finite number, got {value!r}")
         return float(value)
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):

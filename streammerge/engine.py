@@ -32,6 +32,7 @@ from .io.hf_files import write_model_card, write_model_files
 from .io.journal import Journal
 from .io.reader import Checkpoint
 from .io.writer import ShardWriter
+from .memory import release_free_memory
 from .methods.base import (
     SECOND_MOMENT,
     SECOND_MOMENT_BIAS_CORRECTION,
@@ -316,7 +317,7 @@ def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: Pr
             write_model_card(plan.out_dir, plan.config.source, plan.config.method.name, inputs)
             writer.finalize()
         claim.journal.complete()
-    report = run.report() if run is not None else []
+    report = plan.notes + (run.report() if run is not None else [])
     for line in report:
         log.info("%s", line)
     return MergeResult(
@@ -370,6 +371,7 @@ def _merge_all(
                 _prefetch(plan, todo[i + 1])
             merge_tensor(plan, tensor, behind, options, run)
             behind.finish(tensor.out.name)
+            release_free_memory()
             since_sync += tensor.out.nbytes
             if options.sync_bytes is not None and since_sync >= options.sync_bytes:
                 behind.drain()

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .io.peft_adapters import LoraAdapter, OftAdapter, PeftAdapter
+from .io.peft_adapters import LoraAdapter, OftAdapter, PeftAdapter, is_adapter_folder
 from .io.reader import Checkpoint, TensorMeta
 from .methods.orthomerge import OFT_INPUT, OftInput, fold_oft, oft_rotation_blocks
+from .row_blocks import rows_in_blocks
 
 
 class AdapterExpert(Checkpoint):
@@ -55,7 +56,14 @@ class AdapterExpert(Checkpoint):
         return rows[start - r0 * row : start - r0 * row + count].clone()
 
     def _changed_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
-        """Rows [r0, r1) of the adapter's version of ``name`` (first-dim entries of a 1-D tensor), fp32."""
+        """Rows [r0, r1) of the adapter's version of ``name`` (first-dim entries of a 1-D tensor), fp32,
+        computed in the fixed row blocks of ``row_blocks`` so that any range has the whole tensor's bits."""
+        meta = self.meta(name)
+        rows = meta.shape[0] if meta.shape else 1
+        return rows_in_blocks(r0, r1, rows, meta.numel // rows if rows else 1,
+                              lambda b0, b1: self._block(name, b0, b1))
+
+    def _block(self, name: str, r0: int, r1: int) -> torch.Tensor:
         own = self.adapter.replacement(name)
         if own is not None:
             w = own[r0:r1].clone()
@@ -105,4 +113,4 @@ class AdapterExpert(Checkpoint):
 
 
 def is_adapter(path: Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
+    return is_adapter_folder(path)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .config import LAYER_RE, MergeConfig, same_path
-from .errors import PlanError
+from .config import LAYER_RE, MergeConfig, layer_position, resolve_parameters, same_path
+from .errors import ConfigError, PlanError
 from .experts import AdapterExpert, is_adapter
 from .io.hf_files import COPIED_FILES
 from .io.peft_adapters import open_adapter
@@ -67,6 +67,7 @@ class MergePlan:
     chunk_elements: int
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     second_moments: list[SecondMoments | None] = field(default_factory=list)  # per expert (OTA sidecars)
+    notes: list[str] = field(default_factory=list)  # lines for the run's report (e.g. buffers taken from the base)
 
     @property
     def output_bytes(self) -> int:
@@ -174,6 +175,23 @@ def _check_unused_base(config: MergeConfig, experts: list) -> None:
     )
 
 
+def _check_used_parameters(config: MergeConfig, experts: list) -> None:
+    """Refuse a global parameter that the path these experts take does not use (e.g. ``density`` for
+    OrthoMerge's OFT path): a silently ignored setting reads as if it had worked."""
+    used = config.method.used_parameters
+    if used is None:
+        return
+    kinds = [getattr(e, "kind", "model") for e in experts]
+    allowed = used(kinds, config.parameters)
+    unused = sorted(set(config.parameters) - allowed)
+    if unused:
+        raise ConfigError(
+            f"parameters: {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by {config.method.name} "
+            f"with these experts ({', '.join(sorted(set(kinds)))}); remove {'it' if len(unused) == 1 else 'them'} "
+            f"(used here: {', '.join(sorted(allowed))})"
+        )
+
+
 def make_plan(
     config: MergeConfig,
     out_dir: Path,
@@ -209,15 +227,22 @@ def make_plan(
         base = get(config.base_model) if config.base_model and config.method.base_model != "unused" else None
         experts = [expert(m.path) for m in config.experts]
         _check_unused_base(config, experts)
+        _check_used_parameters(config, experts)
         reference = get(config.base_model) if config.base_model else experts[0]
         check_files_outside_output(out_dir, list(opened.values()))
         for name in ("config.json", *COPIED_FILES):  # copied into OUT_DIR after the merge: check them now
             check_model_file(reference.folder, name)
         tensors = []
+        from_base: dict[str, list[str]] = {}  # expert path -> integer/bool buffers it lacks
         for name in sorted(reference.names(), key=_tensor_order):
             meta = reference.meta(name)
-            for entry, ckpt in zip(config.experts, experts, strict=False):
+            for entry, ckpt in zip(config.experts, experts, strict=True):
                 if name not in ckpt:
+                    if not meta.dtype.is_floating_point and reference is not ckpt:
+                        # an integer/bool buffer (BERT's position_ids) that newer transformers no longer save:
+                        # never merged, the output takes the reference's copy anyway
+                        from_base.setdefault(str(entry.path), []).append(name)
+                        continue
                     raise PlanError(f"model {entry.path} has no tensor {name!r} (present in {meta.file})")
                 _check_matches(name, meta, ckpt.meta(name), entry.path)
             merged = meta.dtype.is_floating_point
@@ -226,11 +251,26 @@ def make_plan(
         if not tensors:
             raise PlanError(f"{reference.path}: has no tensors to merge")
         sidecars = open_second_moments(config, [t.out for t in tensors if t.merged])
+        notes = [
+            f"model {path} lacks {len(names)} integer/bool buffer(s), taken from {reference.path}: {', '.join(names)}"
+            for path, names in from_base.items()
+        ]
     except BaseException:
         for ckpt in opened.values():
             ckpt.close()
         raise
     layers = [int(m.group(1)) for t in tensors if (m := LAYER_RE.search(t.out.name))]
+    try:  # every tensor's parameters (gradients, filters) in their domain before anything is written
+        for t in tensors:
+            if t.merged:
+                try:
+                    resolve_parameters(config, t.out.name, layer_position(t.out.name, max(layers) + 1 if layers else 0))
+                except ConfigError as e:
+                    raise ConfigError(f"{e} (tensor {t.out.name})") from e
+    except BaseException:
+        for ckpt in opened.values():
+            ckpt.close()
+        raise
     return MergePlan(
         config=config,
         out_dir=out_dir,
@@ -243,6 +283,7 @@ def make_plan(
         chunk_elements=chunk_elements,
         max_shard_bytes=max_shard_bytes,
         second_moments=sidecars,
+        notes=notes,
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import CheckpointError, OutputError, StreamMergeError
+from .io.paths import regular_file
 from .io.reader import SafetensorsCheckpoint
 from .io.second_moment_factors import Factored, factorize, rank1_columns, reconstruct, reconstruct_flat
 from .io.second_moment_sources import open_source
@@ -242,7 +243,7 @@ def _numeric_metadata(raw: dict[str, str]) -> dict[str, Any]:
 
 def load(path: str | os.PathLike) -> SecondMoments:
     """Open a sidecar, or a raw name-keyed exp_avg_sq ``.safetensors`` file, by its first bytes."""
-    p = Path(path)
+    p = regular_file(path, "a second-moment file (sidecar or exp_avg_sq .safetensors)")
     try:
         with open(p, "rb") as f:
             head = f.read(len(MAGIC))

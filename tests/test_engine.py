@@ -87,3 +87,26 @@ def test_cuda_gives_the_same_tensors_as_cpu(tmp_path):
     cpu, gpu = load_folder(tmp_path / "cpu"), load_folder(tmp_path / "cuda")
     for name, t in cpu.items():
         torch.testing.assert_close(gpu[name], t, rtol=1e-6, atol=1e-6)
+
+
+def test_integer_buffers_missing_from_an_expert_come_from_the_base_and_are_reported(tmp_path):
+    """transformers 5 no longer saves BERT's int64 ``embeddings.position_ids``: an expert without it merges,
+    the output keeps the base's copy, and the report says so; a missing float weight is still an error."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(40, dtype=torch.int64).reshape(1, 40)
+    mask = torch.ones(3, dtype=torch.bool)
+    base = {"embeddings.position_ids": ids, "w": torch.randn(6, 5, generator=g), "mask": mask}
+    save_folder(tmp_path / "base", base)
+    expert = {"w": base["w"] + 0.1}
+    save_folder(tmp_path / "expert", expert)
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+           "models": [{"model": str(tmp_path / "expert"), "parameters": {"weight": 1.0}}]}
+    result = streammerge.merge(cfg, tmp_path / "out")
+    out = load_folder(tmp_path / "out")
+    assert torch.equal(out["embeddings.position_ids"], ids) and torch.equal(out["mask"], base["mask"])
+    torch.testing.assert_close(out["w"], expert["w"])
+    assert any("lacks 2 integer/bool buffer(s)" in line and "embeddings.position_ids" in line for line in result.report)
+    save_folder(tmp_path / "no-w", {"embeddings.position_ids": ids, "mask": base["mask"]})
+    cfg["models"][0]["model"] = str(tmp_path / "no-w")
+    with pytest.raises(StreamMergeError, match=r"no-w has no tensor 'w'"):
+        streammerge.merge(cfg, tmp_path / "out2")

@@ -68,9 +68,11 @@ def test_one_adapter_merged_into_the_model_equals_peft_merge_and_unload(tmp_path
     assert kind in result.report[0]
 
 
-def test_two_oft_adapters_follow_the_papers_rule(tmp_path):
+@pytest.mark.parametrize("lam", [None, 0.5, 1.7])
+def test_two_oft_adapters_follow_the_papers_rule(tmp_path, lam):
+    """The paper's rule (lambda unset or 1); streammerge's lambda scales the merged generator."""
     pair = [ADAPTERS / "oft-cayley-a", ADAPTERS / "oft-cayley-b"]
-    streammerge.merge(_cfg(pair), tmp_path / "out")
+    streammerge.merge(_cfg(pair, None if lam is None else {"lambda": lam}), tmp_path / "out")
     ours = load_folder(tmp_path / "out")
     base = load_folder(BASE)
     adapters = [open_adapter(p) for p in pair]
@@ -83,6 +85,7 @@ def test_two_oft_adapters_follow_the_papers_rule(tmp_path):
         # Q̄ = (c/N)·ΣQᵢ, c = Σ‖Qᵢ‖ / ‖ΣQᵢ‖ (norms of the stored vectors: the same ratio as of the matrices)
         total = sum(vecs)
         q_bar = total * (sum(float(v.norm()) for v in vecs) / len(vecs) / float(total.norm()))
+        q_bar = q_bar * (1.0 if lam is None else lam)
         m = adapters[0].modules[name]
         rot = _exact_rotation(q_bar, m.block_size)
         expected = w0.double() @ (rot if m.embedding else rot.T)
@@ -167,3 +170,36 @@ def test_adapters_need_a_base_model_and_cannot_be_one(tmp_path):
 def test_output_adapter_needs_oft_adapters(tmp_path):
     with pytest.raises(ConfigError, match="output: adapter needs every model to be an OFT adapter"):
         streammerge.merge(_cfg([ADAPTERS / "lora-a"], {"output": "adapter"}), tmp_path / "out")
+
+
+def test_output_adapter_lambda_scales_the_stored_generators(tmp_path):
+    from safetensors.torch import load_file
+
+    pair = [ADAPTERS / "oft-cayley-a", ADAPTERS / "oft-cayley-b"]
+    streammerge.merge(_cfg(pair, {"output": "adapter"}), tmp_path / "one")
+    streammerge.merge(_cfg(pair, {"output": "adapter", "lambda": 0.5}), tmp_path / "half")
+    one, half = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "half"))
+    assert one.keys() == half.keys()
+    for key, t in one.items():
+        assert torch.equal(half[key], t * 0.5), key  # a power of two: exact
+
+
+UNUSED = [
+    (["oft-cayley-a", "oft-cayley-b"], {"density": 0.3}, "density is not used by orthomerge"),
+    (["oft-cayley-a", "oft-cayley-b"], {"variant": "C", "residual_method": "ties"}, "residual_method, variant are"),
+    (["lora-a", "lora-b"], {"density": 0.3}, "density is not used"),  # ORD without ties: no density
+]
+
+
+@pytest.mark.parametrize("models,params,needle", UNUSED)
+def test_parameters_a_path_does_not_use_are_refused(tmp_path, models, params, needle):
+    with pytest.raises(ConfigError, match=needle):
+        streammerge.merge(_cfg([ADAPTERS / m for m in models], params), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_density_is_used_by_ord_with_ties(tmp_path):
+    result = streammerge.merge(
+        _cfg([ADAPTERS / "lora-a", ADAPTERS / "lora-b"], {"residual_method": "ties", "density": 0.3}), tmp_path / "o"
+    )
+    assert "residuals by ties (lambda 1.0, density 0.3)" in result.report[0]

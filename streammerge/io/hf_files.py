@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .paths import regular_file
 from .writer import write_text_atomic
 
 # Copied verbatim from the source model when present.
@@ -26,6 +27,7 @@ DTYPE_STRINGS = {
 
 def read_json_object(path: Path) -> dict:
     """A small JSON file that must hold one object (config.json, adapter_config.json)."""
+    regular_file(path, "a JSON file")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

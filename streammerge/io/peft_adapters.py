@@ -32,6 +32,7 @@ this adapter (``replacement``). Everything is validated against the base model's
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,9 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..row_blocks import fresh, rows_in_blocks
 from .hf_files import read_json_object
+from .paths import regular_file
 from .peft_keys import (
     LORA_REFUSED_INITS,
     LORA_REFUSED_OPTIONS,
@@ -59,19 +62,19 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG}; not a PEFT adapter folder")
-    return read_json_object(path)
+    return read_json_object(regular_file(path, "an adapter config (JSON)"))
 
 
 def is_adapter_folder(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
+    return os.path.lexists(Path(path) / ADAPTER_CONFIG)  # a FIFO or folder there is refused when read
 
 
 def _weights_file(folder: Path) -> Path:
     for name in ADAPTER_WEIGHTS:
-        if (folder / name).is_file():
-            return folder / name
+        if os.path.lexists(folder / name):
+            return regular_file(folder / name, "adapter weights")
     raise CheckpointError(f"{folder}: no {' or '.join(ADAPTER_WEIGHTS)} next to {ADAPTER_CONFIG}")
 
 
@@ -323,13 +326,18 @@ class LoraAdapter(PeftAdapter):
             return None
         a = self.weights.read(m.a_key).to(device=device, dtype=torch.float32)  # (r, in) / (r, num_embeddings)
         b = self.weights.read(m.b_key).to(device=device, dtype=torch.float32)  # (out, r) / (dim, r)
-        sel = slice(None) if rows is None else slice(*rows)
-        if m.embedding or m.fan_in_fan_out:  # the base stores (B·A)ᵀ: its rows are columns of B·A
-            product = (b @ a[:, sel]).transpose(0, 1).contiguous()
-        else:
-            product = b[sel] @ a  # (rows, in)
-        product *= m.scaling
-        return product
+        transposed = m.embedding or m.fan_in_fan_out  # the base stores (B·A)ᵀ: its rows are columns of B·A
+        n_rows, row_elements = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
+
+        def block(b0: int, b1: int) -> torch.Tensor:  # rows [b0, b1) of s·B·A in the base's layout
+            if transposed:
+                product = (b @ fresh(a[:, b0:b1])).transpose(0, 1).contiguous()
+            else:
+                product = fresh(b[b0:b1]) @ a  # (rows, in)
+            return product.mul_(m.scaling)
+
+        r0, r1 = rows if rows is not None else (0, n_rows)
+        return rows_in_blocks(r0, r1, n_rows, row_elements, block)
 
     def expert_tensor(self, name: str, base: torch.Tensor) -> torch.Tensor:
         """This adapter's version of base tensor ``name``: its replacement, W₀ + s·B·A, or W₀ (fp32, a

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .paths import FILE_KINDS
 from .safetensors_format import (
     MAX_HEADER_BYTES,
     TORCH_TO_ST,
@@ -214,14 +215,7 @@ def _pread_into(fd: int, out: torch.Tensor, offset: int, file: Path) -> None:
         done += n
 
 
-_FILE_KINDS = {
-    stat.S_IFDIR: "a folder",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFLNK: "a symlink",
-}
+_FILE_KINDS = FILE_KINDS
 
 
 def _open_regular(path: Path) -> int:

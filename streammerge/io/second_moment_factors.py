@@ -25,6 +25,8 @@ from typing import Literal
 
 import torch
 
+from ..row_blocks import fresh, rows_in_blocks
+
 Representation = Literal["exact", "rank1", "rank-k"]
 BLOCK_ELEMENTS = 1 << 22  # rows per block = max(1, BLOCK_ELEMENTS // n)
 OVERSAMPLE = 8  # rank-k: extra subspace dimensions
@@ -152,7 +154,9 @@ def reconstruct_rows(f: Factored, row_lo: int, row_hi: int) -> torch.Tensor:
     if f.representation == "rank1":
         return torch.outer(f.parts["r"][row_lo:row_hi], rank1_columns(f))
     if f.representation == "rank-k":
-        return (f.parts["a"][row_lo:row_hi] @ f.parts["b"]).clamp_(min=0)
+        a, b = f.parts["a"], f.parts["b"]
+        return rows_in_blocks(row_lo, row_hi, a.shape[0], b.shape[1],
+                              lambda b0, b1: (fresh(a[b0:b1]) @ b).clamp_(min=0))
     raise ValueError(f"reconstruct_rows: {f.representation} is not a factored representation")
 
 

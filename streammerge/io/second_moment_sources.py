@@ -33,6 +33,7 @@ import torch
 
 from ..errors import CheckpointError
 from .optimizer_names import Layout, assign_names, candidate_layouts
+from .paths import regular_file
 from .reader import BinCheckpoint, Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class MappedTorchFile:
 
 
 def load_torch_file(path: Path) -> Any:
+    regular_file(path, "a torch optimizer or exp_avg_sq file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
@@ -348,6 +350,7 @@ def open_source(
             f"{path}: no {OPTIMIZER_FILE} here; expected a Trainer checkpoint folder, an exp_avg_sq .safetensors "
             "file or a torch .pt/.bin file"
         )
+    regular_file(path, "an optimizer state, exp_avg_sq file or Trainer checkpoint folder")
     if path.suffix == ".safetensors":
         ckpt = open_checkpoint(path)
         for name in ckpt.names():

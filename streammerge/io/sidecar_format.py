@@ -44,6 +44,7 @@ import torch
 import zstandard
 
 from ..errors import CheckpointError, OutputError
+from .paths import regular_file
 from .second_moment_factors import Factored, matrix_view, part_shapes
 
 MAGIC = b"\x89SIDECAR"
@@ -201,7 +202,7 @@ class SidecarReader:
     """Random access to one sidecar file: headers validated at open, frames decoded on demand."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = regular_file(path, "a sidecar file")
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from .base import ChunkInputs, MergeMethod
+from .base import ChunkInputs, MergeMethod, OrderedSum, check_density
 from .task_vectors import merge_task_vectors
 
 RNG_BLOCK = 1 << 20  # elements; engine chunks are multiples of this
@@ -46,6 +46,9 @@ class DareParams:
 class DareModelParams:
     weight: float
     density: float = 1.0
+
+    def __post_init__(self):
+        check_density(self.density)
 
 
 def block_seed(seed: int, tensor: str, expert: int, block: int) -> int:
@@ -81,15 +84,16 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[float]:
     ]
     factors = [1.0] * len(first.experts)
     del first
-    before, after = [0.0] * len(needed), [0.0] * len(needed)
+    before, after = [OrderedSum() for _ in needed], [OrderedSum() for _ in needed]
     if needed:
         for inputs in chunks():
             for j, i in enumerate(needed):
                 delta = inputs.experts[i].delta(inputs.base)
-                before[j] += float(delta.abs().sum(dtype=torch.float64))
-                after[j] += float(delta.mul_(_mask(inputs, i, delta)).abs().sum(dtype=torch.float64))
+                before[j].add(delta.abs())
+                after[j].add(delta.mul_(_mask(inputs, i, delta)).abs_())
     for j, i in enumerate(needed):
-        factors[i] = 1.0 if before[j] < L1_EPS or after[j] < L1_EPS else before[j] / after[j]
+        b, a = before[j].value, after[j].value
+        factors[i] = 1.0 if b < L1_EPS or a < L1_EPS else b / a
     return factors
 
 

@@ -50,9 +50,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -415,6 +415,8 @@ def merge_oft(
     gens = [oft_generator(o.generator.to(base.device), o.block_size, o.coft_eps) for o in rotating]
     q_bar, cancelled = merge_generators(gens, params.norm_aggregate, params.direction_weighting)
     del gens
+    if params.lambda_ != 1:  # streammerge's extension: scale the merged rotation's angle
+        q_bar = q_bar * params.lambda_
     if run is not None:
         run.oft_rotated += 1
         if cancelled:
@@ -446,6 +448,22 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
     )
 
 
+OFT_PATH_PARAMETERS = frozenset({"lambda", "norm_aggregate", "direction_weighting", "output"})
+ORD_PARAMETERS = frozenset({
+    "variant", "residual_method", "lambda", "norm_aggregate", "direction_weighting", "procrustes_eps",
+    "cayley_min_sigma", "orthogonal_embeddings", "orthogonal_lm_head", "output",
+})
+
+
+def used_parameters(kinds: list[str], given: Mapping[str, Any]) -> frozenset[str]:
+    """The parameters the path for experts of ``kinds`` uses: the OFT path (all OFT adapters) merges
+    generators only; ORD uses ``density`` only with ``residual_method: ties``."""
+    if kinds and all(k == "oft" for k in kinds):
+        return OFT_PATH_PARAMETERS
+    return ORD_PARAMETERS | ({"density"} if given.get("residual_method") == "ties" else frozenset())
+
+
 METHOD = MergeMethod(
-    "orthomerge", merge, OrthoMergeParams, NoParams, base_model="required", elementwise=False, start_run=OrthoRun
+    "orthomerge", merge, OrthoMergeParams, NoParams, base_model="required", elementwise=False, start_run=OrthoRun,
+    used_parameters=used_parameters,
 )

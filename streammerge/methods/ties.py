@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ChunkInputs, MergeMethod
+from .base import ChunkInputs, MergeMethod, OrderedSum, check_density
 from .dare import L1_EPS
 from .task_vectors import merge_task_vectors
 
@@ -37,6 +37,9 @@ class TiesParams:
 class TiesModelParams:
     weight: float
     density: float = 1.0
+
+    def __post_init__(self):
+        check_density(self.density)
 
 
 @dataclass
@@ -138,13 +141,14 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[_Trim]:
 
 def _l1_scales(chunks: Callable[[], Iterator[ChunkInputs]], trims: list[_Trim], trimmed: list[int]) -> None:
     """scale = ‖τ‖₁ / ‖kept τ‖₁ per trimmed expert (mergekit's ``rescale_norm=l1``)."""
-    totals, kept = dict.fromkeys(trimmed, 0.0), dict.fromkeys(trimmed, 0.0)
+    totals, kept = {i: OrderedSum() for i in trimmed}, {i: OrderedSum() for i in trimmed}
     for inputs in chunks():
         for i, magnitude in _magnitudes(inputs, trimmed):
-            totals[i] += float(magnitude.sum(dtype=torch.float64))
-            kept[i] += float(magnitude[magnitude > trims[i].threshold].sum(dtype=torch.float64))
-    for i, total in totals.items():
-        after = kept[i] + trims[i].ties_left * trims[i].threshold
+            totals[i].add(magnitude)
+            kept[i].add(magnitude.mul_(magnitude > trims[i].threshold))
+    for i, sums in totals.items():
+        total = sums.value
+        after = kept[i].value + trims[i].ties_left * trims[i].threshold
         trims[i].scale = 1.0 if total < L1_EPS or after < L1_EPS else total / after
 
 
