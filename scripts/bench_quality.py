@@ -2,6 +2,9 @@
 
     python scripts/bench_quality.py                  # the full run (CPU; docs/quality/results.md + .png)
     python scripts/bench_quality.py --smoke --out-dir /tmp/q --work-dir /tmp/qw    # toy scale, ~1 min
+    python scripts/bench_quality.py --pretrained [--seeds 1]     # the pretrained encoder (quality/pretrained.py)
+
+The default run is the strong-interference stress case: a tiny Llama trained from scratch.
 
 Steps, all seeded: (1) synthetic capabilities (``quality/tasks.py``), (2) pretrain a tiny
 ``LlamaForCausalLM`` on one half of every capability (a mediocre base), (3) fine-tune one expert per
@@ -321,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only", default="", help="comma-separated substrings: run only merges whose name or experts match"
     )
+    ap.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="the pretrained-encoder benchmark (all-MiniLM-L6-v2, quality/pretrained.py) instead of the tiny-Llama "
+        "stress case",
+    )
+    ap.add_argument("--seeds", type=int, default=None, help="--pretrained: number of seeds (default 3)")
     args = ap.parse_args(argv)
     args.package_root = args.package_root.resolve()
     sys.path.insert(0, str(args.package_root))
@@ -328,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
 
+    if args.pretrained:
+        from quality import pretrained
+
+        work = args.work_dir if args.work_dir != ROOT / "bench_data" / "quality" else ROOT / "bench_data" / "pretrained"
+        return pretrained.main(args.out_dir, work.resolve(), args.package_root, args.seeds, args.smoke, args.threads)
     if args.report_only:
         return write_report(json.loads((args.out_dir / "results.json").read_text()), args.out_dir)
     s = SMOKE if args.smoke else Settings()

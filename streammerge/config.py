@@ -93,7 +93,7 @@ def same_path(a: Path, b: Path) -> bool:
 
 
 def load_config(path: str | os.PathLike) -> MergeConfig:
-    p = regular_file(path, "config", ConfigError)
+    p = regular_file(path, "config", ConfigError, verb="read")
     try:
         text = p.read_text()
     except OSError as e:

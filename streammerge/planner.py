@@ -27,7 +27,9 @@ from .second_moments import open_second_moments
 from .sidecar import SecondMoments
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
-DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 per buffer; a multiple of dare.RNG_BLOCK
+CHUNK_UNIT = 1 << 20  # chunks start on multiples of this: DARE's RNG blocks and OrderedSum's blocks divide it
+CHUNK_UNIT = 1 << 20  # chunks start at multiples of this: DARE's RNG blocks and OrderedSum's blocks divide it
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 per buffer
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -198,6 +200,8 @@ def make_plan(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> MergePlan:
+    if chunk_elements <= 0 or chunk_elements % CHUNK_UNIT:
+        raise PlanError(f"chunk size {chunk_elements}: must be a positive multiple of {CHUNK_UNIT} elements")
     check_output_dir(out_dir, config.inputs)
     opened: dict[object, Checkpoint] = {}
 

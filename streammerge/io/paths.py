@@ -29,14 +29,16 @@ def kind_of(mode: int) -> str:
     return FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
-def regular_file(path: str | os.PathLike, what: str, error: type[StreamMergeError] = CheckpointError) -> Path:
+def regular_file(
+    path: str | os.PathLike, what: str, error: type[StreamMergeError] = CheckpointError, verb: str = "open"
+) -> Path:
     """``path``, checked to be (or to lead to) a regular file without opening it; ``what`` names the
-    file's role in the message (e.g. "a merge config")."""
+    file's role in the message (e.g. "a sidecar file"), ``verb`` what could not be done to a missing one."""
     p = Path(path)
     try:
         mode = os.stat(p).st_mode
     except OSError as e:
-        raise error(f"{p}: cannot read {what} ({e.strerror})") from e
+        raise error(f"{p}: cannot {verb} {what} ({e.strerror})") from e
     if not stat.S_ISREG(mode):
         raise error(f"{p}: is {kind_of(mode)}, not {what}")
     return p

