@@ -137,6 +137,8 @@ class MergeMethod:
     prepare: Callable[[Callable[[], Iterator[ChunkInputs]]], Any] | None = None
     start_run: Callable[[int, torch.device], MergeRun] | None = None
     model_keys: frozenset[str] = frozenset()  # extra keys of a ``models:`` entry, e.g. {"sidecar"}
+    # estimated peak bytes to merge one tensor (name, shape, n_experts) for the plan; None: the engine's default
+    working_set: Callable[[str, tuple[int, ...], int], int] | None = None
 
 
 @dataclass(frozen=True)
