@@ -155,19 +155,25 @@ def expert_rotation(
         del u, vh
     else:
         r, v, moving = 0, y.new_zeros(0, 0), y.new_zeros(y.shape[0], 0)
-    k = m + r
     tq = torch.cat([y[:, :m].add_(basis.r0.transpose(0, 1)), moving], dim=1)  # T·Q (d_out, k)
     del y, y2, moving
-    b = tq.new_zeros(k, k)
-    b[:m] = basis.r0 @ tq
-    del tq
-    scale = float(torch.linalg.matrix_norm(b)) * (eps / math.sqrt(d_in))
-    b.diagonal().add_(scale)
-    rot, gen, sigma, s_min, reflected = polar_generator(b.to(work_dtype(k)), min_sigma)
-    del b
-    if bool(reflected) and k < d_in and float(s_min) > scale:
+    scale = [0.0]
+    rot, gen, sigma, s_min, reflected = polar_generator(_regularised_b(basis.r0, tq, eps, d_in, scale), min_sigma)
+    k = m + r
+    if bool(reflected) and k < d_in and float(s_min) > scale[0]:
         return None
     return SubspaceRotation(rot.to(v.dtype), gen.to(v.dtype), float(sigma), v)
+
+
+def _regularised_b(r0: torch.Tensor, tq: torch.Tensor, eps: float, d_in: int, scale: list[float]) -> torch.Tensor:
+    """B + εI_k in ``work_dtype(k)``, B = [R₀·T·Q; 0]; ε (the dense path's) goes to scale[0]. Built here
+    so that ``polar_generator`` holds its only reference and can free it."""
+    m, k = r0.shape[0], tq.shape[1]
+    b = tq.new_zeros(k, k, dtype=work_dtype(k))
+    b[:m] = (r0 @ tq).to(b.dtype)
+    scale[0] = float(torch.linalg.matrix_norm(b)) * (eps / math.sqrt(d_in))
+    b.diagonal().add_(scale[0])
+    return b
 
 
 def merged_rotation(q_bar: torch.Tensor) -> torch.Tensor:
@@ -175,11 +181,24 @@ def merged_rotation(q_bar: torch.Tensor) -> torch.Tensor:
     return cayley(q_bar.to(work_dtype(q_bar.shape[-1]))).to(q_bar.dtype)
 
 
-def rotation_delta(basis: RowBasis, r: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """W₀·R − W₀ (d_out, d_in) for R = I + J(r − I)Jᵀ, J = H₀·diag(I_m, v): [R₀ᵀ(r − I)₁₁, R₀ᵀ(r − I)₁₂·vᵀ]·H₀ᵀ."""
+def merged_rotation_top(q_bar: torch.Tensor, m: int) -> torch.Tensor:
+    """The first m rows of cayley(Ḡ) − I = −2Ḡ(I + Ḡ)⁻¹ (all that W₀·R̄ needs: W₀J = [R₀ᵀ, 0]): one LU
+    of I + Ḡ and m right-hand rows instead of K, in ``work_dtype(K)``, returned in Ḡ's dtype."""
+    g = q_bar.to(work_dtype(q_bar.shape[-1]))
+    top = g[:m].clone()
+    g.diagonal().add_(1.0)
+    return torch.linalg.solve(g, top, left=False).mul_(-2.0).to(q_bar.dtype)
+
+
+def rotation_delta(basis: RowBasis, r: torch.Tensor, v: torch.Tensor, minus_identity: bool = False) -> torch.Tensor:
+    """W₀·R − W₀ (d_out, d_in) for R = I + J(r − I)Jᵀ, J = H₀·diag(I_m, v): [R₀ᵀ(r − I)₁₁, R₀ᵀ(r − I)₁₂·vᵀ]·H₀ᵀ.
+    r: the k × k rotation, or (``minus_identity``) the first m rows of r − I."""
     m = basis.m
-    top = r[:m].clone()
-    top.diagonal().sub_(1.0)
+    if minus_identity:
+        top = r
+    else:
+        top = r[:m].clone()
+        top.diagonal().sub_(1.0)
     e = basis.r0.transpose(0, 1) @ top  # (d_out, k)
     del top
     f = torch.cat([e[:, :m], e[:, m:] @ v.transpose(0, 1)], dim=1) if v.numel() else e

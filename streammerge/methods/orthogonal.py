@@ -257,7 +257,9 @@ def polar_generator(
     s_min: M's smallest singular value; reflected: where the Kabsch fix was applied.
     """
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    del m  # the caller's reference may be the last one: free it before the solve
     r = u @ vh
+    u, vh = u[..., :, -1:].clone(), vh[..., -1:, :].clone()  # all that Kabsch needs: the smallest pair
     q, sigma = _generator(r)
     bad = sigma < min_sigma
     reflected = torch.zeros_like(bad)

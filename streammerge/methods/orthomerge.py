@@ -356,9 +356,12 @@ def _decouple_subspace(
         log.warning("%s: expert %d's rotation has an angle near π (σ_min(R+I) = %.2e); generator clamped",
                     tensor or "tensor", i, sigma)
     q_bar, cancelled = joint.merge.result()
+    complement = joint.complement()
+    del joint  # the direction accumulator (K × K)
     if cancelled:
         log.info("%s: the experts' generators cancel; merged rotation set to identity", name or "tensor")
-    merged = ord_subspace.rotation_delta(basis, ord_subspace.merged_rotation(q_bar), joint.complement())  # W₀R̄ − W₀
+    top = ord_subspace.merged_rotation_top(q_bar, basis.m)  # first rows of R̄ − I, J coordinates
+    merged = ord_subspace.rotation_delta(basis, top, complement, minus_identity=True)  # W₀R̄ − W₀
     del q_bar
     merged.add_(base).add_(residuals.result(), alpha=params.lambda_)
     if report is not None:
