@@ -103,19 +103,19 @@ def child(job: dict) -> None:
     """One child process: decouple the given matrices by one path; print one JSON line."""
     torch.set_num_threads(job["threads"])
     params = OrthoMergeParams(variant=job["variant"], residual_method=job["residual"], lambda_=1.0 / job["experts"])
-    out = {"times": {}, "k": {}, "peak_extra": 0}
+    out = {"times": {}, "cpu": {}, "k": {}, "peak_extra": 0}
     w, e = _inputs(16, 64, 2, 0)  # warm up torch's kernels and buffers outside the measured peaks
     decouple_merge(w, e, params, path="dense"), decouple_merge(w, e, params, path="subspace")
     for name, (d_out, d_in) in job["matrices"].items():
         w0, experts = _inputs(d_out, d_in, job["experts"], job["seed"])
         baseline = _rss_bytes()
         report = DecoupleReport()
-        best = float("inf")
+        best, best_cpu = float("inf"), float("inf")
         for _ in range(job.get("repeats", 1)):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             decouple_merge(w0, experts, params, path=job["path"], report=report)
-            best = min(best, time.perf_counter() - start)
-        out["times"][name] = best
+            best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.process_time() - start_cpu)
+        out["times"][name], out["cpu"][name] = best, best_cpu
         out["k"][name] = report.largest_k[0] if report.subspace else d_in
         out["peak_extra"] = max(out["peak_extra"], _rss_bytes() - baseline)
         del w0, experts
@@ -135,46 +135,58 @@ def compare(args, shapes: list[str]) -> None:
     job = {"experts": args.experts, "variant": args.variant, "residual": args.residual, "seed": args.seed,
            "threads": args.threads or torch.get_num_threads(), "repeats": args.repeats}
     print(f"ORD dense vs subspace Procrustes, {args.experts} experts, variant {args.variant}, {args.residual}; "
-          f"CPU, {job['threads']} threads; torch {torch.__version__}; wall seconds, peak working set over the inputs\n")
+          f"CPU, {job['threads']} threads; torch {torch.__version__}; CPU seconds of the process per expert "
+          f"(wall in brackets), peak working set over the inputs\n")
     print("| shape (d_out x d_in) | k | dense s/expert | subspace s/expert | speedup | dense peak | subspace peak |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for shape in shapes:
         d_out, d_in = (int(x) for x in shape.lower().split("x"))
         res = {p: _run_child({**job, "path": p, "matrices": {shape: (d_out, d_in)}}) for p in ("subspace", "dense")}
         unit = 4 * d_out * d_in
-        t = {p: r["times"][shape] / args.experts for p, r in res.items()}
+        t = {p: r["cpu"][shape] / args.experts for p, r in res.items()}
+        w = {p: r["times"][shape] / args.experts for p, r in res.items()}
         mem = {p: f"{r['peak_extra'] / 1e6:.0f} MB ({r['peak_extra'] / unit:.1f}x)" for p, r in res.items()}
-        print(f"| {d_out} x {d_in} | {res['subspace']['k'][shape]} | {t['dense']:.2f} | {t['subspace']:.2f} | "
-              f"{t['dense'] / t['subspace']:.2f}x | {mem['dense']} | {mem['subspace']} |", flush=True)
+        print(f"| {d_out} x {d_in} | {res['subspace']['k'][shape]} | {t['dense']:.1f} ({w['dense']:.1f}) | "
+              f"{t['subspace']:.1f} ({w['subspace']:.1f}) | {t['dense'] / t['subspace']:.2f}x | {mem['dense']} | "
+              f"{mem['subspace']} |", flush=True)
+
+
+def _matrices(option: str, text: str) -> list[str]:
+    names = list(LLAMA_8B_LAYER) if text == "all" else [m for m in text.split(",") if m]
+    unknown = [m for m in names if m not in LLAMA_8B_LAYER]
+    if unknown:
+        raise SystemExit(f"{option}: unknown matrices {unknown}; choose from {', '.join(LLAMA_8B_LAYER)}")
+    return names
 
 
 def layer(args) -> None:
-    dense = list(LLAMA_8B_LAYER) if args.dense == "all" else [m for m in args.dense.split(",") if m]
-    unknown = [m for m in dense if m not in LLAMA_8B_LAYER]
-    if unknown:
-        raise SystemExit(f"--dense: unknown matrices {unknown}; choose from {', '.join(LLAMA_8B_LAYER)}")
+    dense = _matrices("--dense", args.dense)
+    auto = _matrices("--after", args.after)
     job = {"experts": args.experts, "variant": args.variant, "residual": args.residual, "seed": args.seed,
            "threads": args.threads or torch.get_num_threads()}
-    after = _run_child({**job, "path": "auto", "matrices": LLAMA_8B_LAYER})
+    after = _run_child({**job, "path": "auto", "matrices": {m: LLAMA_8B_LAYER[m] for m in auto}})
     before = _run_child({**job, "path": "dense", "matrices": {m: LLAMA_8B_LAYER[m] for m in dense}}) if dense else None
     print(f"ORD on one Llama-3.1-8B layer, {args.experts} experts, variant {args.variant}, {args.residual}; CPU, "
-          f"{job['threads']} threads; torch {torch.__version__}; wall seconds for all experts\n")
+          f"{job['threads']} threads; torch {torch.__version__}; CPU seconds of the process for all experts "
+          f"(wall in brackets)\n")
     print("| matrix | shape | path after | before (dense) | after | speedup |")
     print("| --- | --- | --- | --- | --- | --- |")
+
+    def cell(res, name):
+        if res is None or name not in res["cpu"]:
+            return "not run"
+        return f"{res['cpu'][name]:.1f} ({res['times'][name]:.1f})"
+
     for name, (d_out, d_in) in LLAMA_8B_LAYER.items():
-        k = after["k"][name]
-        path = "dense" if k == d_in and d_out > d_in / 2 else f"subspace, k = {k}"
-        b = before["times"].get(name) if before else None
-        a = after["times"][name]
-        print(f"| {name} | {d_out} x {d_in} | {path} | {'not run' if b is None else f'{b:.1f}'} | {a:.1f} | "
-              f"{'' if b is None else f'{b / a:.2f}x'} |")
-    total_a = sum(after["times"].values())
-    total_b = sum(before["times"].values()) if before else None
-    measured = sum(after["times"][m] for m in dense)
-    line = f"| total | | | {'' if total_b is None else f'{total_b:.1f}'} | {total_a:.1f} |"
-    print(line + ("" if total_b is None else f" {total_b / measured:.2f}x on the same matrices |"))
+        k = after["k"].get(name)
+        path = "not run" if k is None else "dense" if k == d_in and d_out > d_in / 2 else f"subspace, k = {k}"
+        both = before is not None and name in before["cpu"] and name in after["cpu"]
+        speedup = f"{before['cpu'][name] / after['cpu'][name]:.2f}x" if both else ""
+        print(f"| {name} | {d_out} x {d_in} | {path} | {cell(before, name)} | {cell(after, name)} | {speedup} |")
+    total_b = "" if before is None else f"{sum(before['cpu'].values()):.1f}"
+    print(f"| total | | | {total_b} | {sum(after['cpu'].values()):.1f} | |")
     rss_b = "" if before is None else f"{before['peak_rss'] / 1e9:.2f} GB"
-    print(f"| peak RSS | | | {rss_b} | {after['peak_rss'] / 1e9:.2f} GB | |")
+    print(f"| peak RSS of the process | | | {rss_b} | {after['peak_rss'] / 1e9:.2f} GB | |")
 
 
 def main() -> None:
@@ -203,6 +215,7 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true", help="dense vs subspace path per shape, with peak memory")
     ap.add_argument("--layer", action="store_true", help="one Llama-3.1-8B layer, before (dense) and after (auto)")
     ap.add_argument("--dense", default="all", help="--layer: matrices the dense 'before' run covers (q,k,v,o,...)")
+    ap.add_argument("--after", default="all", help="--layer: matrices the 'after' (auto path) run covers")
     args = ap.parse_args()
     if args.layer:
         layer(args)
