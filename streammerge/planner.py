@@ -81,9 +81,14 @@ class MergePlan:
 
         Elementwise methods hold about ten fp32 buffers of one chunk (base, one expert and its raw
         bytes, up to five consensus accumulators, masks) plus two chunks queued for the writer;
-        others about four copies of the largest tensor plus the same queue.
+        others about four copies of the largest tensor plus the same queue; a method with a
+        ``working_set`` estimate (OrthoMerge) its largest per-tensor figure.
         """
         largest = max((t.out.numel for t in self.tensors), default=0)
+        if self.config.method.working_set is not None:  # the method's own per-tensor estimate
+            estimate = self.config.method.working_set
+            return max((estimate(t.out.name, t.out.shape, len(self.experts)) for t in self.tensors if t.merged),
+                       default=0)
         if self.config.method.elementwise:
             return 12 * 4 * min(largest, self.chunk_elements)
         return 6 * 4 * largest

@@ -141,6 +141,8 @@ class MergeMethod:
     # "oft") uses, given the global ``parameters:``; the planner refuses any other that a config sets.
     # None: every parameter of ``params`` is used.
     used_parameters: Callable[[list[str], Mapping[str, Any]], frozenset[str]] | None = None
+    # estimated peak bytes to merge one tensor (name, shape, n_experts) for the plan; None: the engine's default
+    working_set: Callable[[str, tuple[int, ...], int], int] | None = None
 
 
 @dataclass(frozen=True)

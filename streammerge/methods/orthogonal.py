@@ -196,13 +196,18 @@ def inverse_cayley(r: torch.Tensor, min_sigma: float = 1e-2) -> tuple[torch.Tens
     return _clamp_where(q, sigma, r, min_sigma), sigma
 
 
-def _polar_svd(w0: torch.Tensor, target: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """U, Vᵀ of M = W₀ᵀT + ε·I, ε = eps·‖M‖_F/sqrt(d_in), in ``work_dtype(d_in)``."""
+def regularised_gram(w0: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    """M = W₀ᵀT + ε·I, ε = eps·‖W₀ᵀT‖_F/sqrt(d_in), in ``work_dtype(d_in)``: (..., d_in, d_in)."""
     dtype = work_dtype(w0.shape[-1])
     m = w0.to(dtype).transpose(-2, -1) @ target.to(dtype)  # (..., d_in, d_in)
     scale = torch.linalg.matrix_norm(m) * (eps / math.sqrt(m.shape[-1]))  # (...)
     m.diagonal(dim1=-2, dim2=-1).add_(scale.unsqueeze(-1))
-    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    return m
+
+
+def _polar_svd(w0: torch.Tensor, target: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """U, Vᵀ of M = W₀ᵀT + ε·I (``regularised_gram``)."""
+    u, _, vh = torch.linalg.svd(regularised_gram(w0, target, eps), full_matrices=False)
     return u, vh
 
 
@@ -239,10 +244,25 @@ def procrustes_generator(
     applied and Q recomputed. Angles near π that remain are clamped as in ``inverse_cayley`` (R itself is
     returned unclamped; rebuild it as cayley(Q) where sigma < min_sigma).
     """
-    u, vh = _polar_svd(w0, target, eps)
+    r, q, sigma, _, _ = polar_generator(regularised_gram(w0, target, eps), min_sigma)
+    return r, q, sigma
+
+
+def polar_generator(
+    m: torch.Tensor, min_sigma: float = 1e-2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The core of ``procrustes_generator`` on an already regularised M: (R, Q, sigma, s_min, reflected).
+
+    R: the polar factor of M, Kabsch-fixed where it is a reflection; Q, sigma: its guarded generator;
+    s_min: M's smallest singular value; reflected: where the Kabsch fix was applied.
+    """
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    del m  # the caller's reference may be the last one: free it before the solve
     r = u @ vh
+    u, vh = u[..., :, -1:].clone(), vh[..., -1:, :].clone()  # all that Kabsch needs: the smallest pair
     q, sigma = _generator(r)
     bad = sigma < min_sigma
+    reflected = torch.zeros_like(bad)
     if bool(bad.any()):
         reflected = bad & (torch.linalg.slogdet(r).sign < 0)
         if bool(reflected.any()):
@@ -251,4 +271,4 @@ def procrustes_generator(
             q = torch.where(reflected[..., None, None], q2, q)
             sigma = torch.where(reflected, sigma2, sigma)
         q = _clamp_where(q, sigma, r, min_sigma)
-    return r, q, sigma
+    return r, q, sigma, s[..., -1], reflected

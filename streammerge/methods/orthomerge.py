@@ -57,9 +57,11 @@ from typing import Any, Literal
 import torch
 
 from ..errors import ConfigError
+from . import ord_subspace
 from .base import ChunkInputs, MergeMethod, NoParams
 from .oft import coft_project, fold_oft, oft_generator, oft_rotation_blocks  # noqa: F401  (re-exported)
 from .ord_residuals import ResidualMethod, residual_merge
+from .ord_subspace import OrdPath
 from .orthogonal import NeumannConvention, cayley, procrustes_generator, work_dtype
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,15 @@ class GeneratorMerge:
         else:
             self._direction.add_(q, alpha=factor)
 
+    def grow(self, size: int) -> None:
+        """Zero-pad a square direction accumulator to (size, size): the subspace path's joint basis grew
+        by new trailing axes (``ord_subspace.JointGenerators``)."""
+        d = self._direction
+        if d is not None and d.shape[-1] < size:
+            grown = d.new_zeros(size, size)
+            grown[: d.shape[0], : d.shape[1]] = d
+            self._direction = grown
+
     def result(self) -> tuple[torch.Tensor, bool]:
         """(Q̄, degenerate); degenerate: the directions cancelled (or all θᵢ = 0) and Q̄ = 0."""
         if self._direction is None:
@@ -193,6 +204,9 @@ class DecoupleReport:
     clamped: list[tuple[str, int, float]] = field(default_factory=list)  # (tensor, expert, σ_min(R+I))
     cancelled: list[str] = field(default_factory=list)  # tensors whose merged generator was set to 0
     min_sigma: float = math.inf  # smallest σ_min(R + I) seen
+    subspace: int = 0  # matrices decoupled by the subspace path (``ord_subspace``)
+    largest_k: tuple[int, int] = (0, 0)  # (k, d_in) of the subspace path's largest per-expert basis
+    fallback: list[str] = field(default_factory=list)  # subspace path given up for dense (reflection off it)
 
 
 def _load(expert: Expert, like: torch.Tensor) -> torch.Tensor:
@@ -239,13 +253,17 @@ def decouple_merge(
     orthogonal: bool = True,
     name: str = "",
     report: DecoupleReport | None = None,
+    path: OrdPath = "auto",
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Orthogonal-Residual Decoupling of one tensor; returns the merged tensor, fp32, on w0's device.
 
     w0: base tensor (d_out, d_in) (any shape when ``orthogonal`` is false); experts: the experts' tensors
     of the same shape, or loaders (each called once for variant G, twice for C). ``orthogonal``: whether
     this tensor takes the rotation part (``takes_orthogonal_part``); 1-D tensors never do. ``name`` only
-    labels the report.
+    labels the report. ``path``: dense or subspace Procrustes (``ord_subspace.choose_path``; auto: the
+    subspace path for wide matrices). Both give the same result to rounding. ``out_dtype``: the result's
+    dtype (fp32 for the engine; tests compare the paths in the working dtype).
 
     Per expert: one matmul W₀ᵀTᵢ, one SVD (d_in × d_in), one matmul UVᵀ, one solve for Qᵢ (det Rᵢ only
     where that solve flags an eigenvalue near −1, see ``procrustes_generator``).
@@ -266,6 +284,13 @@ def decouple_merge(
             mean_delta += _load(e, base)
         mean_delta /= n
         mean_delta -= base
+    if ord_subspace.choose_path(tuple(w0.shape), params.procrustes_eps, path) == "subspace":
+        merged = _decouple_subspace(base, experts, mean_delta, params, name, report)
+        if merged is not None:
+            return merged.to(out_dtype)
+        log.info("%s: a reflection's Kabsch flip falls off the subspace; dense path", name or "tensor")
+        if report is not None:
+            report.fallback.append(name)
     arithmetic = params.residual_method == "task_arithmetic"
     residuals = None if arithmetic else residual_merge(params.residual_method, n, params.density)
     sum_w = sum_r = None  # ΣWᵢ (d_out, d_in), ΣRᵢ (d_in, d_in): task arithmetic only
@@ -297,7 +322,58 @@ def decouple_merge(
         merged = (base @ r_bar).add_(residuals.result(), alpha=params.lambda_)
     if report is not None:
         report.matrices += 1
-    return merged.to(torch.float32)
+    return merged.to(out_dtype)
+
+
+def _decouple_subspace(
+    base: torch.Tensor, experts: Sequence[Expert], mean_delta: torch.Tensor | None, params: OrthoMergeParams,
+    name: str, report: DecoupleReport | None,
+) -> torch.Tensor | None:
+    """``decouple_merge`` by the subspace path (``ord_subspace``); None where it must give way to the dense
+    path (before anything is reported). base: W₀ in ``work_dtype(d_in)``."""
+    basis = ord_subspace.RowBasis(base)  # once per matrix, reused for every expert
+    residuals = residual_merge(params.residual_method, len(experts), params.density)
+    joint = ord_subspace.JointGenerators(basis, GeneratorMerge(params.norm_aggregate, params.direction_weighting))
+    clamped, sigmas, largest_k = [], [], 0
+    for i, e in enumerate(experts):
+        delta = _load(e, base).sub_(base)  # Δᵢ = Wᵢ − W₀
+        target = delta if mean_delta is None else delta * _conflict_rows(delta, mean_delta)
+        rot = ord_subspace.expert_rotation(basis, target, params.procrustes_eps, params.cayley_min_sigma)
+        del target
+        if rot is None:
+            return None
+        largest_k = max(largest_k, rot.k)
+        sigmas.append(rot.sigma)
+        if rot.sigma < params.cayley_min_sigma:  # q was clamped: use the rotation it really encodes
+            rot.r = ord_subspace.merged_rotation(rot.q)
+            clamped.append((name, i, rot.sigma))
+        joint.add(rot)
+        delta -= ord_subspace.rotation_delta(basis, rot.r, rot.v)  # ρᵢ = Wᵢ − W₀Rᵢ = Δᵢ − (W₀Rᵢ − W₀)
+        del rot
+        residuals.add(delta)
+        del delta
+    for tensor, i, sigma in clamped:
+        log.warning("%s: expert %d's rotation has an angle near π (σ_min(R+I) = %.2e); generator clamped",
+                    tensor or "tensor", i, sigma)
+    q_bar, cancelled = joint.merge.result()
+    complement = joint.complement()
+    del joint  # the direction accumulator (K × K)
+    if cancelled:
+        log.info("%s: the experts' generators cancel; merged rotation set to identity", name or "tensor")
+    top = ord_subspace.merged_rotation_top(q_bar, basis.m)  # first rows of R̄ − I, J coordinates
+    merged = ord_subspace.rotation_delta(basis, top, complement, minus_identity=True)  # W₀R̄ − W₀
+    del q_bar
+    merged.add_(base).add_(residuals.result(), alpha=params.lambda_)
+    if report is not None:
+        report.clamped.extend(clamped)
+        report.min_sigma = min([report.min_sigma, *sigmas])
+        if cancelled:
+            report.cancelled.append(name)
+        report.matrices += 1
+        report.subspace += 1
+        if largest_k > report.largest_k[0]:
+            report.largest_k = (largest_k, base.shape[1])
+    return merged
 
 
 def _residual_only(
@@ -366,6 +442,16 @@ class OrthoRun:
             lines.append(
                 f"{d.matrices} matrices decoupled into rotation + residual, {d.residual_only} merged as "
                 f"residuals only{sigma}"
+            )
+        if d.matrices:
+            k, d_in = d.largest_k
+            sub = f" (largest basis k = {k} of d_in = {d_in})" if d.subspace else ""
+            fell = ""
+            if d.fallback:
+                fell = f", {len(d.fallback)} of them after leaving the subspace path ({d.fallback[0]})"
+            lines.append(
+                f"ORD Procrustes path: {d.subspace} matrices by the subspace path{sub}, "
+                f"{d.matrices - d.subspace} by the dense path{fell}"
             )
         if d.clamped:
             lines.append(
@@ -461,9 +547,23 @@ def used_parameters(kinds: list[str], given: Mapping[str, Any]) -> frozenset[str
     if kinds and all(k == "oft" for k in kinds):
         return OFT_PATH_PARAMETERS
     return ORD_PARAMETERS | ({"density"} if given.get("residual_method") == "ties" else frozenset())
+def working_set_bytes(name: str, shape: tuple[int, ...], n_experts: int) -> int:
+    """Estimated peak bytes for one tensor (the plan's figure; default parameters): ORD's Procrustes
+    working set on the path ``ord_subspace.choose_path`` takes for a matrix, else about six copies of the
+    tensor (the residual-only and OFT paths), plus two fp32 copies of the tensor queued for the writer."""
+    numel = math.prod(shape)
+    params = OrthoMergeParams()
+    ws = 6 * 4 * numel
+    if takes_orthogonal_part(name, tuple(shape), params):
+        d_out, d_in = shape
+        path = ord_subspace.choose_path((d_out, d_in), params.procrustes_eps)
+        elements = ord_subspace.working_set_elements(d_out, d_in, n_experts, path)
+        ws = max(ws, elements * work_dtype(d_in).itemsize)
+    return ws + 2 * 4 * numel
 
 
 METHOD = MergeMethod(
     "orthomerge", merge, OrthoMergeParams, NoParams, base_model="required", elementwise=False, start_run=OrthoRun,
     used_parameters=used_parameters,
+    working_set=working_set_bytes,
 )
