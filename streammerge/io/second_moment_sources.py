@@ -24,7 +24,7 @@ import math
 import os
 import pickle
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,15 +44,16 @@ OPTIMIZER_FILE = "optimizer.pt"
 class MappedTorchFile:
     """A torch file opened lazily through mmap, re-mapped so resident pages stay under ``budget`` bytes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, loader: Callable[[Path], Any] | None = None):
         self.path = path
+        self._loader = loader  # None: load_torch_file
         self.budget = 0
         self._obj: Any = None
         self._touched = 0
 
     def load(self) -> Any:
         if self._obj is None:
-            self._obj = load_torch_file(self.path)
+            self._obj = (self._loader or load_torch_file)(self.path)
             self._touched = 0
         return self._obj
 
@@ -80,7 +81,7 @@ def load_torch_file(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({str(e).splitlines()[0][:200]})") from e
 
 
-def _step(value: object) -> int | None:
+def state_step(value: object) -> int | None:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
@@ -146,7 +147,7 @@ def _torch_source(path: Path, kind: str, mapped: MappedTorchFile, metadata: dict
     return Source(path, kind, metadata, entries, torch_file=mapped)
 
 
-def _optimizer_metadata(sd: dict, path: Path, steps: list[int | None]) -> dict[str, Any]:
+def optimizer_metadata(sd: dict, path: Path, steps: list[int | None]) -> dict[str, Any]:
     groups = sd.get("param_groups") or []
     betas = {float(g["betas"][1]) for g in groups if isinstance(g, dict) and isinstance(g.get("betas"), (tuple, list))}
     if len(betas) > 1:
@@ -175,8 +176,8 @@ def _check_state_dict(sd: object, path: Path) -> tuple[dict, list[dict]]:
 
 def _named_state_source(path: Path, mapped: MappedTorchFile, sd: dict) -> Source:
     state, _ = _check_state_dict(sd, path)
-    keys = {name: (("state", name, "exp_avg_sq"), _step(s.get("step"))) for name, s in state.items()}
-    meta = {"source": str(path), **_optimizer_metadata(sd, path, [s for _, s in keys.values()])}
+    keys = {name: (("state", name, "exp_avg_sq"), state_step(s.get("step"))) for name, s in state.items()}
+    meta = {"source": str(path), **optimizer_metadata(sd, path, [s for _, s in keys.values()])}
     return _torch_source(path, "name-keyed optimizer state", mapped, meta, keys)
 
 
@@ -273,7 +274,7 @@ def _id_state_source(
         weights.close()
     state_shapes = {i: tuple(s["exp_avg_sq"].shape) for i, s in state.items()}
     names = assign_names(group_ids, state_shapes, layouts, shapes, str(path))
-    keys = {names[i]: (("state", i, "exp_avg_sq"), _step(state[i].get("step"))) for i in flat if i in state}
+    keys = {names[i]: (("state", i, "exp_avg_sq"), state_step(state[i].get("step"))) for i in flat if i in state}
     skipped = [names[i] for i in flat if i not in state]
     if skipped:
         log.warning(
@@ -281,7 +282,7 @@ def _id_state_source(
         )
     meta = {
         "source": str(path),
-        **_optimizer_metadata(sd, path, [s for _, s in keys.values()]),
+        **optimizer_metadata(sd, path, [s for _, s in keys.values()]),
         "names_from": names_from,
     }
     return _torch_source(path, "optimizer state (integer ids)", mapped, meta, keys)
@@ -313,18 +314,16 @@ def _has_weights(folder: Path) -> bool:
     )
 
 
-def _refuse_sharded(folder: Path) -> None:
-    if any(p.is_dir() and p.name.startswith("global_step") for p in folder.iterdir()):
-        raise CheckpointError(
-            f"{folder}: a DeepSpeed ZeRO checkpoint (global_step*/): its optimizer states are flat shards; gather full "
-            "fp32 exp_avg_sq per parameter first (e.g. streammerge.sidecar.export after "
-            "deepspeed.utils.safe_get_full_optimizer_state(param, 'exp_avg_sq'))"
-        )
-    if any(p.name.startswith(("optimizer_0", "pytorch_model_fsdp")) for p in folder.iterdir()):
-        raise CheckpointError(
-            f"{folder}: an FSDP sharded checkpoint; gather full, unsharded exp_avg_sq per parameter first "
-            "(torch.distributed.checkpoint.state_dict.get_optimizer_state_dict with full_state_dict=True)"
-        )
+def _sharded_source(folder: Path) -> Any:
+    """A DeepSpeed ZeRO or torch.distributed.checkpoint folder's source, or None when ``folder`` is neither."""
+    from . import dcp_states, deepspeed_zero  # they build on this module
+
+    if deepspeed_zero.is_zero_folder(folder):
+        return deepspeed_zero.ZeroSource(folder)
+    found = dcp_states.find_dcp_folder(folder)
+    if found is not None:
+        return dcp_states.DcpSource(found)
+    return None
 
 
 def open_source(
@@ -343,10 +342,13 @@ def open_source(
     if path.is_dir():
         if (path / OPTIMIZER_FILE).is_file():
             return _trainer_source(path, model, use_transformers)
-        _refuse_sharded(path)
+        sharded = _sharded_source(path)
+        if sharded is not None:
+            return sharded
         raise CheckpointError(
-            f"{path}: no {OPTIMIZER_FILE} here; expected a Trainer checkpoint folder, an exp_avg_sq .safetensors "
-            "file or a torch .pt/.bin file"
+            f"{path}: no {OPTIMIZER_FILE}, DeepSpeed ZeRO rank files (global_step*/) or torch.distributed.checkpoint "
+            "(.metadata) here; expected a Trainer checkpoint folder, a ZeRO or DCP folder, an exp_avg_sq "
+            ".safetensors file or a torch .pt/.bin file"
         )
     if path.suffix == ".safetensors":
         ckpt = open_checkpoint(path)

@@ -1,0 +1,213 @@
+"""FSDP / torch.distributed.checkpoint (DCP) optimizer states as a second-moment source, one tensor at a time.
+
+A DCP folder (``dcp.save(state, checkpoint_id=DIR)``, as Accelerate saves FSDP optimizer states into
+``checkpoint-N/optimizer_0/`` and torchtitan into ``step-N/``):
+
+    DIR/.metadata          pickled ``Metadata``: per flattened key its global size, dtype and chunks
+                           (offsets, sizes), and per chunk the file, byte offset and length
+    DIR/__R_0.distcp       rank R's chunks (each a ``torch.save``d tensor, or safetensors)
+
+Optimizer states saved through ``get_optimizer_state_dict`` are keyed by parameter name:
+``[PREFIX.]state.<parameter name>.exp_avg_sq`` (``PREFIX`` is ``optimizer`` when saved as
+``{"optimizer": ...}``). Names are mapped to the model's parameter names by dropping wrapper components
+(``_orig_mod``, ``module``, ``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``); FSDP1 flat
+parameters (``_flat_param``) cannot be split and are refused.
+
+``.metadata`` is read with a restricted unpickler that builds only DCP's own metadata dataclasses and
+enums and torch sizes and dtypes (DCP itself uses plain ``pickle.load``); tensors are read through DCP's
+``FileSystemReader`` (``torch.load(weights_only=True)`` per chunk) by ``dcp.load`` of one full-size
+tensor at a time without a process group, so memory holds one parameter plus one chunk. Before reading,
+every chunk file must exist and every tensor's chunks must tile it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import math
+import pickle
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+METADATA = ".metadata"
+STATE_KEY = re.compile(r"^(?:(?P<prefix>.*?)\.)?state\.(?P<fqn>.+)\.(?P<what>exp_avg_sq|step)$")
+WRAPPERS = frozenset({"_orig_mod", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
+
+# Plain constructors the metadata pickle names (``_get_layout`` maps a name to a torch.layout and is on torch's
+# own weights-only allow list; ``StorageMeta.checkpoint_id`` may be a path).
+_PLAIN = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+          ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+
+def model_name(fqn: str) -> str:
+    """The model's parameter name for an optimizer-state FQN: wrapper components dropped."""
+    return ".".join(part for part in fqn.split(".") if part not in WRAPPERS)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP metadata dataclasses/enums, ``torch.Size``, torch dtypes/layouts and ``_PLAIN``; refuses others."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _DCP_MODULES:
+            import importlib
+
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        if module == "torch":
+            obj = getattr(torch, name, None)
+            if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        if (module, name) in _PLAIN:
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not DCP metadata")
+
+
+def read_metadata(folder: Path) -> Any:
+    path = folder / METADATA
+    try:
+        with open(path, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not readable torch.distributed.checkpoint metadata "
+                              f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from e
+    if not hasattr(md, "state_dict_metadata") or not hasattr(md, "storage_data"):
+        raise CheckpointError(f"{path}: not torch.distributed.checkpoint metadata")
+    return md
+
+
+def find_dcp_folder(folder: Path) -> Path | None:
+    """``folder`` if it holds ``.metadata``; else its one ``optimizer*/`` (Accelerate) subfolder that does."""
+    if (folder / METADATA).is_file():
+        return folder
+    found = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("optimizer") and
+                   (p / METADATA).is_file())
+    if len(found) > 1:
+        raise CheckpointError(f"{folder}: several DCP optimizer folders ({', '.join(p.name for p in found)}); "
+                              "pass the one to convert")
+    return found[0] if found else None
+
+
+def _tiles(size: tuple[int, ...], chunks: list[Any]) -> bool:
+    """True when the chunks' boxes lie inside ``size``, do not overlap and cover it."""
+    boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in chunks]
+    for off, sz in boxes:
+        if len(off) != len(size) or any(o < 0 or o + s > n for o, s, n in zip(off, sz, size, strict=True)):
+            return False
+    for i, (a_off, a_sz) in enumerate(boxes):
+        for b_off, b_sz in boxes[i + 1:]:
+            if all(max(ao, bo) < min(ao + asz, bo + bsz) for ao, asz, bo, bsz in zip(a_off, a_sz, b_off, b_sz,
+                                                                                     strict=True)):
+                return False
+    return sum(math.prod(sz) for _, sz in boxes) == math.prod(size)
+
+
+class _Reader:
+    """DCP's FileSystemReader with the metadata read once, by the restricted unpickler."""
+
+    def __new__(cls, folder: Path, metadata: Any) -> Any:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        class SafeReader(FileSystemReader):
+            def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+                return metadata
+
+        return SafeReader(str(folder))
+
+
+class DcpSource:
+    """A DCP folder's ``exp_avg_sq`` tensors by model parameter name, read one tensor at a time."""
+
+    kind = "torch.distributed.checkpoint (FSDP) folder"
+
+    def __init__(self, folder: Path):
+        self.path = folder
+        md = read_metadata(folder)
+        self._md = md
+        found: dict[str, str] = {}
+        steps: dict[str, str] = {}
+        for key, item in md.state_dict_metadata.items():
+            m = STATE_KEY.match(key)
+            if not m or not hasattr(item, "chunks"):
+                continue
+            fqn = m.group("fqn")
+            if "_flat_param" in fqn.split(".")[-1] or "flat_param" in fqn:
+                raise CheckpointError(f"{folder / METADATA}: {key!r} is an FSDP1 flat parameter (several parameters in "
+                                      "one); save with get_optimizer_state_dict, which keys states by parameter name")
+            name = model_name(fqn)
+            target = found if m.group("what") == "exp_avg_sq" else steps
+            if name in target:
+                raise CheckpointError(f"{folder / METADATA}: {key!r} and {target[name]!r} both name parameter {name!r}")
+            target[name] = key
+        if not found:
+            raise CheckpointError(f"{folder / METADATA}: no '[optimizer.]state.<parameter>.exp_avg_sq' tensors; only "
+                                  "Adam-type optimizer states saved by parameter name hold second moments")
+        files = {info.relative_path for info in md.storage_data.values()}
+        root = folder.resolve()
+        for rel in sorted(files):
+            if Path(rel).is_absolute() or root not in (folder / rel).resolve().parents:
+                raise CheckpointError(f"{folder / METADATA}: chunk file {rel!r} lies outside the checkpoint folder; "
+                                      "the metadata is corrupt")
+            if not (folder / rel).is_file():
+                raise CheckpointError(f"{folder / rel}: missing rank file (listed in {METADATA}); the save was "
+                                      "incomplete, or a rank's file was lost")
+        for name, key in found.items():
+            item = md.state_dict_metadata[key]
+            if not _tiles(tuple(item.size), item.chunks):
+                raise CheckpointError(f"{folder / METADATA}: the shards of {key!r} (parameter {name!r}) do not add up "
+                                      f"to its size {list(item.size)}; the metadata is corrupt or mixed")
+        self.keys = found
+        self.shapes = {name: tuple(md.state_dict_metadata[key].size) for name, key in found.items()}
+        self._reader = _Reader(folder, md)
+        step_values = {self._load(k, name).item() for name, k in steps.items() if name in found}
+        step = int(step_values.pop()) if len(step_values) == 1 else None
+        if len(step_values) > 1:
+            log.warning("%s: parameters have different Adam steps; the sidecar records none", folder)
+        self.metadata = {
+            "source": str(folder), "optimizer": "Adam-type", "step": step, "beta2": None,
+            "layout": f"torch.distributed.checkpoint, {len(files)} rank files, {len(found)} parameters",
+        }
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.keys)
+
+    def _load(self, key: str, name: str) -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+
+        item = self._md.state_dict_metadata[key]
+        out = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+        try:
+            with warnings.catch_warnings():  # "no process group, loading in one process": that is the intent
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load({key: out}, storage_reader=self._reader, no_dist=True)
+        except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in CheckpointException and others
+            files = sorted({self._md.storage_data[i].relative_path for i in self._md.storage_data if i.fqn == key})
+            raise CheckpointError(f"{self.path / files[0] if files else self.path}: cannot read {key!r} (parameter "
+                                  f"{name!r}): {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
+        return out
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor, int | None]]:
+        step = self.metadata.get("step")
+        for name, key in self.keys.items():
+            yield name, self._load(key, name).to(torch.float32), step
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["DcpSource", "find_dcp_folder", "model_name", "read_metadata"]
