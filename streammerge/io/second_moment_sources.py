@@ -10,7 +10,10 @@
   folder or in ``model_dir``. Ids are named as ``optimizer_names`` explains, from the parameter order of
   the model built on the ``meta`` device from ``config.json`` when transformers can, else from the
   checkpoint's own tensor order when that is unambiguous; every state's shape is checked against the
-  checkpoint tensor of that name.
+  checkpoint tensor of that name;
+- a DeepSpeed ZeRO 1/2/3 folder (``deepspeed_zero``) or a torch.distributed.checkpoint folder
+  (``dcp_states``): sharded states reassembled one parameter at a time (their own source classes, with
+  the same ``kind``/``metadata``/``names``/``tensors()``/``close()`` surface).
 
 Torch files are opened with ``torch.load(weights_only=True, mmap=True)`` (no pickled code runs) and
 re-opened whenever the bytes read through the current mapping would exceed the largest tensor's, so
@@ -328,8 +331,9 @@ def _sharded_source(folder: Path) -> Any:
 
 def open_source(
     src: str | os.PathLike, model_dir: str | os.PathLike | None = None, use_transformers: bool = True
-) -> Source:
-    """Open ``src`` for conversion; ``model_dir`` names (and shape-checks) id-keyed optimizer states.
+) -> Any:
+    """Open ``src`` for conversion (a ``Source``, ``ZeroSource`` or ``DcpSource``); ``model_dir`` names (and
+    shape-checks) id-keyed optimizer states.
 
     ``use_transformers=False`` skips building the model and names ids from the checkpoint alone.
     """
