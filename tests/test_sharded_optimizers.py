@@ -133,6 +133,14 @@ def test_stage3_pieces_reassemble_params_straddling_sub_groups(world, cuts):
     assert why and "each rank holds" in why
 
 
+def test_dcp_state_keys():
+    nested = ("optimizer", "state", "model.layers.0.state.weight", "exp_avg_sq")  # exact from planner data
+    assert dcp_states.state_key("x", nested) == ("model.layers.0.state.weight", "exp_avg_sq")
+    assert dcp_states.state_key("state.layers.0.w.step") == ("layers.0.w", "step")  # torchtitan's flat keys
+    assert dcp_states.state_key("optimizer.state.a.exp_avg") is None
+    assert dcp_states.state_key("optimizer.param_groups.0.lr", ("optimizer", "param_groups", 0, "lr")) is None
+
+
 def test_dcp_names_drop_wrappers():
     assert dcp_states.model_name("_orig_mod.module.layers.0._fsdp_wrapped_module.weight") == "layers.0.weight"
     assert dcp_states.model_name("model._checkpoint_wrapped_module.embed.weight") == "model.embed.weight"
@@ -196,6 +204,13 @@ def _dcp_not_adding_up(tmp):
     return src / "checkpoint-3", "the shards of 'optimizer.state.proj.weight.exp_avg_sq' (parameter 'proj.weight')"
 
 
+def _dcp_truncated(tmp):
+    src = _copy(tmp, "fsdp2-dcp")
+    path = src / "checkpoint-3" / "optimizer_0" / "__1_0.distcp"
+    path.write_bytes(path.read_bytes()[:1000])
+    return src / "checkpoint-3", "__1_0.distcp: shorter than .metadata says"
+
+
 def _dcp_escaping_path(tmp):
     src = _copy(tmp, "fsdp2-dcp")
     path = src / "checkpoint-3" / "optimizer_0" / ".metadata"
@@ -218,8 +233,8 @@ def _code_pickle(tmp):
     return src, "zero_pp_rank_1_mp_rank_00_optim_states.pt: refusing to load"
 
 
-BAD = {f.__name__[1:]: f for f in (_missing_rank, _mixed_steps, _extra_rank, _stage_mix, _bad_latest,
-                                    _dcp_missing_rank, _dcp_not_adding_up, _dcp_escaping_path, _code_pickle)}
+BAD = {f.__name__[1:]: f for f in (_missing_rank, _mixed_steps, _extra_rank, _stage_mix, _bad_latest, _code_pickle,
+                                    _dcp_missing_rank, _dcp_not_adding_up, _dcp_truncated, _dcp_escaping_path)}
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -51,6 +51,19 @@ _PLAIN = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout")
           ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
 
 
+def state_key(key: str, path: object = None) -> tuple[str, str] | None:
+    """(parameter FQN, "exp_avg_sq" or "step") for an optimizer-state key, else None.
+
+    ``path``: the key's path in the saved (nested) state dict from ``Metadata.planner_data``, e.g.
+    ``("optimizer", "state", "layers.0.weight", "exp_avg_sq")``; exact where present. Otherwise the
+    flattened key is parsed (first ``state.`` component).
+    """
+    if isinstance(path, tuple) and len(path) >= 3 and path[-3] == "state" and isinstance(path[-2], str):
+        return (path[-2], path[-1]) if path[-1] in ("exp_avg_sq", "step") else None
+    m = STATE_KEY.match(key)
+    return (m.group("fqn"), m.group("what")) if m else None
+
+
 def model_name(fqn: str) -> str:
     """The model's parameter name for an optimizer-state FQN: wrapper components dropped."""
     return ".".join(part for part in fqn.split(".") if part not in WRAPPERS)
@@ -140,16 +153,17 @@ class DcpSource:
         self._md = md
         found: dict[str, str] = {}
         steps: dict[str, str] = {}
+        planner = md.planner_data if isinstance(getattr(md, "planner_data", None), dict) else {}
         for key, item in md.state_dict_metadata.items():
-            m = STATE_KEY.match(key)
-            if not m or not hasattr(item, "chunks"):
+            parsed = state_key(key, planner.get(key))
+            if parsed is None or not hasattr(item, "chunks"):
                 continue
-            fqn = m.group("fqn")
+            fqn, what = parsed
             if "_flat_param" in fqn.split(".")[-1] or "flat_param" in fqn:
                 raise CheckpointError(f"{folder / METADATA}: {key!r} is an FSDP1 flat parameter (several parameters in "
                                       "one); save with get_optimizer_state_dict, which keys states by parameter name")
             name = model_name(fqn)
-            target = found if m.group("what") == "exp_avg_sq" else steps
+            target = found if what == "exp_avg_sq" else steps
             if name in target:
                 raise CheckpointError(f"{folder / METADATA}: {key!r} and {target[name]!r} both name parameter {name!r}")
             target[name] = key
@@ -165,9 +179,17 @@ class DcpSource:
             if not (folder / rel).is_file():
                 raise CheckpointError(f"{folder / rel}: missing rank file (listed in {METADATA}); the save was "
                                       "incomplete, or a rank's file was lost")
+        sizes = {rel: (folder / rel).stat().st_size for rel in files}
+        stored: dict[str, int] = {}
+        for index, info in md.storage_data.items():
+            if info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[info.relative_path]:
+                raise CheckpointError(f"{folder / info.relative_path}: shorter than {METADATA} says ({index.fqn!r} "
+                                      f"at bytes {info.offset}+{info.length}); truncated, or from another save")
+            stored[index.fqn] = stored.get(index.fqn, 0) + info.length
         for name, key in found.items():
             item = md.state_dict_metadata[key]
-            if not _tiles(tuple(item.size), item.chunks):
+            need = math.prod(item.size) * item.properties.dtype.itemsize
+            if not _tiles(tuple(item.size), item.chunks) or stored.get(key, 0) < need:
                 raise CheckpointError(f"{folder / METADATA}: the shards of {key!r} (parameter {name!r}) do not add up "
                                       f"to its size {list(item.size)}; the metadata is corrupt or mixed")
         self.keys = found
