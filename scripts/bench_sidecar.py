@@ -13,7 +13,8 @@ torch`` RSS + 3 x the largest tensor in fp32.
 
 ``--sharded W`` also writes the same values as DeepSpeed ZeRO-2 and ZeRO-3 checkpoints of W ranks (the
 rank-file layout ``streammerge/io/deepspeed_zero.py`` reads, written with ``torch.save`` by this script,
-one param group, the fp32 master weights sharing exp_avg_sq's storage) and converts those too; issue 14's
+one param group, the fp32 master weights sharing exp_avg_sq's storage) and as FSDP2-style row shards
+saved by ``dcp.save`` from W gloo processes, and converts those too; issue 14's
 bars: peak RSS within the same budget whatever W, wall <= 1.5 x converting the unsharded safetensors.
 """
 
@@ -111,6 +112,49 @@ def build_zero(folder: Path, shapes: dict[str, tuple[int, ...]], world: int, sta
     return folder
 
 
+def _dcp_rank(rank: int, world: int, port: int, folder: str, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
+    import os
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    state = {}
+    for name, shape in shapes.items():  # rows split as FSDP2 shards them (torch.chunk on dim 0)
+        full = fake_second_moment(name, shape, seed)
+        chunks = full.chunk(world)
+        local = chunks[rank].clone() if rank < len(chunks) else full.new_empty((0, *shape[1:]))
+        dt = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride())
+        state[name] = {"step": torch.tensor(3.0), "exp_avg_sq": dt}
+        del full, chunks
+    dcp.save({"optimizer": {"state": state}}, checkpoint_id=folder)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def build_dcp(folder: Path, shapes: dict[str, tuple[int, ...]], world: int, seed: int = 0) -> Path:
+    """The set as FSDP2 optimizer states (row shards) saved by ``dcp.save`` from ``world`` gloo ranks."""
+    if (folder / ".complete").exists():
+        return folder
+    import socket
+
+    import torch.multiprocessing as mp
+
+    print(f"building {folder} ...", file=sys.stderr, flush=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_dcp_rank, args=(world, port, str(folder), shapes, seed), nprocs=world, join=True)
+    (folder / ".complete").write_text("ok")
+    return folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_options(ap)
@@ -129,6 +173,8 @@ def main() -> None:
     st, pt = build(args.data_dir / tag, shapes, args.torch)
     zero = [build_zero(args.data_dir / f"{tag}-zero{stage}-w{args.sharded}", shapes, args.sharded, stage)
             for stage in (2, 3)] if args.sharded else []
+    if args.sharded:
+        zero.append(build_dcp(args.data_dir / f"{tag}-dcp-w{args.sharded}", shapes, args.sharded))
     torch_rss = torch_import_rss()
     budget = torch_rss + 3 * largest
     print(

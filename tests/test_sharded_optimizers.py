@@ -273,3 +273,40 @@ def test_zero_rank_files_are_remapped_within_one_parameter(monkeypatch):
     finally:
         src.close()
 
+
+
+@pytest.mark.parametrize("variant", ["torch state, step in state", "FusedAdam: step in param group", "elastic"])
+def test_synthetic_zero2_variants(tmp_path, variant):
+    """Layouts no fixture run makes (DeepSpeed's FusedAdam needs a GPU; elastic saves are opt-in), written as
+    DeepSpeed lays them out: exp_avg_sq flats carry the group padding, single partitions do not."""
+    sizes, pads, world = [[7, 12], [5]], [[1, 0], [0]], 2
+    shapes, lean, flats, values = _stage12_files(sizes, pads, world)
+    step = tmp_path / "ckpt" / "global_step7"
+    step.mkdir(parents=True)
+    for r in range(world):
+        groups = [{"betas": (0.9, 0.95), "params": [g], "decoupled_weight_decay": False} for g in range(len(sizes))]
+        states = [{"exp_avg_sq": flats[r][g].abs().clone()} for g in range(len(sizes))]
+        if variant.startswith("torch"):
+            for s in states:
+                s["step"] = torch.tensor(7.0)
+        else:
+            for gr in groups:
+                gr["step"] = 7
+        osd = {"zero_stage": 2, "partition_count": [world], "param_alignment_paddings": pads,
+               "single_partition_of_fp32_groups": [flats[r][g][: lean[r][g]].clone() for g in range(len(sizes))]}
+        if variant == "elastic":
+            osd["base_optimizer_state"] = [{"exp_avg_sq": s["exp_avg_sq"][: lean[r][g]]} for g, s in enumerate(states)]
+            osd["base_optimizer_state_step"] = 7
+        else:
+            osd["base_optimizer_state"] = {"state": dict(enumerate(states)), "param_groups": groups}
+        torch.save({"optimizer_state_dict": osd}, step / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    torch.save({"param_shapes": [{n: torch.Size(s) for n, s in g.items()} for g in shapes]},
+               step / "mp_rank_00_model_states.pt")
+    result = sidecar.convert(tmp_path / "ckpt", tmp_path / "x.sidecar", rank="exact")
+    with sidecar.load(result.out) as sc:
+        assert sorted(sc.keys()) == sorted(values)
+        for name, v in values.items():
+            assert torch.equal(sc.get(name), v.abs()), name
+        assert sc.metadata["step"] == 7
+        if variant != "elastic":
+            assert sc.metadata["beta2"] == 0.95 and sc.metadata["optimizer"] == "Adam"

@@ -329,6 +329,10 @@ class ZeroSource:
                                       "elements; only Adam-type optimizer states hold second moments")
             lengths.append(flat.numel())
             steps.append(state_step(state.get("step")))
+            if steps[-1] is None:  # FusedAdam keeps the step in its param group; elastic saves keep it apart
+                groups = torch_sd.get("param_groups") or []
+                group = groups[g] if g < len(groups) and isinstance(groups[g], dict) else {}
+                steps[-1] = state_step(group.get("step", osd.get("base_optimizer_state_step")))
         return {"stage": stage, "world": world, "lengths": lengths, "steps": steps, "key": key,
                 "paddings": osd.get("param_alignment_paddings"), "torch_sd": torch_sd}
 
