@@ -2,7 +2,7 @@
 
     python scripts/bench_sidecar.py                          # ~0.55 B-param Llama-shaped exp_avg_sq set
     python scripts/bench_sidecar.py --ranks 1,exact --torch  # also from a name-keyed torch .pt file
-    python scripts/bench_sidecar.py --sharded 4              # also from ZeRO-2 and ZeRO-3 folders of 4 ranks
+    python scripts/bench_sidecar.py --sharded 4 --repeats 3  # also ZeRO-2/3 and DCP folders of 4 ranks
 
 Builds (once, reused) a fake name-keyed fp32 exp_avg_sq safetensors file with Llama shapes (hidden
 1536, intermediate 4096, 16 layers, vocab 32000, untied lm_head by default), written one tensor at a
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import zlib
 from pathlib import Path
@@ -162,6 +163,7 @@ def main() -> None:
     ap.add_argument("--torch", action="store_true", help="also convert from a name-keyed torch .pt file")
     ap.add_argument("--data-dir", type=Path, default=ROOT / "bench_data")
     ap.add_argument("--sharded", type=int, default=0, help="also convert ZeRO-2/3 folders of this many ranks")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over all sources; medians are reported")
     ap.add_argument("--unsharded", action=argparse.BooleanOptionalAction, default=True,
                     help="convert the unsharded safetensors too (the wall-time reference)")
     args = ap.parse_args()
@@ -181,12 +183,13 @@ def main() -> None:
         f"\nset: {numel / 1e9:.3f} B fp32 exp_avg_sq values ({gb(numel * 4)}), {len(shapes)} tensors, largest "
         f"{gb(largest)}; `import torch` RSS {gb(torch_rss)}; RSS budget (torch + 3 x largest) {gb(budget)}\n"
     )
-    print("| source | rank | wall s | CPU s | peak RSS | within budget | sidecar bytes | ratio to fp32 |")
-    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |", flush=True)
     out = args.data_dir / "runs"
     out.mkdir(parents=True, exist_ok=True)
-    for src in [p for p in (st if args.unsharded else None, pt, *zero) if p is not None]:
-        for rank in args.ranks.split(","):
+    cases = [(src, rank) for src in (st if args.unsharded else None, pt, *zero) if src is not None
+             for rank in args.ranks.split(",")]
+    results: dict[tuple[Path, str], list[tuple[float, int, int, float, int]]] = {c: [] for c in cases}
+    for _ in range(args.repeats):  # rounds interleave the sources, so a busy spell hits them alike
+        for src, rank in cases:
             target = out / f"{src.stem}-{rank}.sidecar"
             code = (
                 f"import sys; sys.path.insert(0, {str(ROOT)!r}); import streammerge.sidecar as s; s.convert("
@@ -194,15 +197,23 @@ def main() -> None:
                 "overwrite=True)"
             )
             wall, rss, rc, cpu = measure([sys.executable, "-c", code])
-            label = src.suffix[1:] or " ".join(src.name.rsplit("-", 2)[1:])  # "zero3 w4": stage, ranks
-            size = target.stat().st_size if rc == 0 else 0
-            print(
-                f"| {label} | {rank} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | "
-                f"{'yes' if rss <= budget else 'NO'} | {size:,} | {size / (numel * 4):.3%} |"
-                + ("" if rc == 0 else " FAILED"),
-                flush=True,
-            )
+            results[(src, rank)].append((wall, rss, rc, cpu, target.stat().st_size if rc == 0 else 0))
             target.unlink(missing_ok=True)
+    print("| source | rank | wall s (median) | CPU s | peak RSS (max) | within budget | wall vs unsharded | "
+          "sidecar bytes | ratio to fp32 |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |", flush=True)
+    for (src, rank), runs in results.items():
+        wall, cpu = statistics.median(r[0] for r in runs), statistics.median(r[3] for r in runs)
+        rss, size, failed = max(r[1] for r in runs), runs[-1][4], any(r[2] for r in runs)
+        ref = results.get((st, rank)) if args.unsharded else None
+        vs = f"{wall / statistics.median(r[0] for r in ref):.2f}x" if ref else "-"
+        label = src.suffix[1:] or " ".join(src.name.rsplit("-", 2)[1:])  # "zero3 w4": layout, ranks
+        spread = f" ({min(r[0] for r in runs):.1f}-{max(r[0] for r in runs):.1f})" if len(runs) > 1 else ""
+        print(
+            f"| {label} | {rank} | {wall:.1f}{spread} | {cpu:.1f} | {gb(rss)} | {'yes' if rss <= budget else 'NO'} | "
+            f"{vs} | {size:,} | {size / (numel * 4):.3%} |" + (" FAILED" if failed else ""),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
