@@ -16,6 +16,7 @@ come from bf16 gradients, which one fp32 process does not reproduce; for every Z
 
     zero1/ zero2/ zero3/          engine.save_checkpoint(): global_step3/, latest, fp32 ZeRO-1/2/3
     zero2/step4-rank1/            rank 1's optimizer file saved one step later (bad-input tests)
+    zero3-subgroups/              ZeRO-3 with sub_group_size 30: 4 flat sub-groups per rank
     zero1-bf16/                   bf16 ZeRO-1 (DeepSpeed's BF16_Optimizer: bf16_zero_pp_rank_* files)
     zero2-bf16/ zero3-bf16/       bf16 mixed precision
     trainer-zero2/checkpoint-3/   the folder HF Trainer writes around a ZeRO checkpoint (latest, global_step3/)
@@ -174,6 +175,7 @@ RUNS = {
     "zero1": dict(stage=1, bf16=False, sub_group=None),
     "zero2": dict(stage=2, bf16=False, sub_group=None),
     "zero3": dict(stage=3, bf16=False, sub_group=None),
+    "zero3-subgroups": dict(stage=3, bf16=False, sub_group=30),
     "zero1-bf16": dict(stage=1, bf16=True, sub_group=None),
     "zero2-bf16": dict(stage=2, bf16=True, sub_group=None),
     "zero3-bf16": dict(stage=3, bf16=True, sub_group=None),

@@ -141,6 +141,25 @@ def test_dcp_state_keys():
     assert dcp_states.state_key("optimizer.param_groups.0.lr", ("optimizer", "param_groups", 0, "lr")) is None
 
 
+TILINGS = {  # (size, [(offsets, sizes), ...]) -> whether the chunks tile the tensor exactly
+    "row slabs": ((10, 4), [((0, 0), (5, 4)), ((5, 0), (5, 4))], True),
+    "row slabs with an empty shard": ((3, 4), [((0, 0), (2, 4)), ((2, 0), (1, 4)), ((3, 0), (0, 4))], True),
+    "overlap and gap, right volume": ((10, 4), [((0, 0), (6, 4)), ((4, 0), (4, 4))], False),
+    "2-D blocks": ((4, 4), [((0, 0), (2, 2)), ((0, 2), (2, 2)), ((2, 0), (2, 4))], True),
+    "2-D overlap, right volume": ((4, 4), [((0, 0), (2, 3)), ((0, 1), (2, 1)), ((2, 0), (2, 4))], False),
+    "wrong rank of chunk": ((4,), [((0, 0), (2, 2))], False),
+    "outside": ((4,), [((2,), (4,))], False),
+}
+
+
+@pytest.mark.parametrize("case", list(TILINGS))
+def test_dcp_chunks_must_tile_the_tensor(case):
+    from types import SimpleNamespace
+
+    size, chunks, ok = TILINGS[case]
+    assert dcp_states._tiles(size, [SimpleNamespace(offsets=o, sizes=s) for o, s in chunks]) is ok
+
+
 def test_dcp_names_drop_wrappers():
     assert dcp_states.model_name("_orig_mod.module.layers.0._fsdp_wrapped_module.weight") == "layers.0.weight"
     assert dcp_states.model_name("model._checkpoint_wrapped_module.embed.weight") == "model.embed.weight"

@@ -116,30 +116,34 @@ def find_dcp_folder(folder: Path) -> Path | None:
 
 
 def _tiles(size: tuple[int, ...], chunks: list[Any]) -> bool:
-    """True when the chunks' boxes lie inside ``size``, do not overlap and cover it."""
+    """True when the chunks' boxes lie inside ``size``, do not overlap and cover it exactly."""
     boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in chunks]
     for off, sz in boxes:
-        if len(off) != len(size) or any(o < 0 or o + s > n for o, s, n in zip(off, sz, size, strict=True)):
+        if len(off) != len(size) or len(sz) != len(size):
             return False
-    for i, (a_off, a_sz) in enumerate(boxes):
-        for b_off, b_sz in boxes[i + 1:]:
-            if all(max(ao, bo) < min(ao + asz, bo + bsz) for ao, asz, bo, bsz in zip(a_off, a_sz, b_off, b_sz,
-                                                                                     strict=True)):
-                return False
-    return sum(math.prod(sz) for _, sz in boxes) == math.prod(size)
+        if any(o < 0 or s < 0 or o + s > n for o, s, n in zip(off, sz, size, strict=True)):
+            return False
+    if sum(math.prod(sz) for _, sz in boxes) != math.prod(size):
+        return False
+    if all(off[1:] == (0,) * (len(size) - 1) and sz[1:] == size[1:] for off, sz in boxes):
+        rows = sorted((off[0], sz[0]) for off, sz in boxes if sz[0])  # row slabs (FSDP's Shard(0)): 1-D intervals
+        return all(a + n <= b for (a, n), (b, _) in zip(rows, rows[1:], strict=False))
+
+    def overlap(a: tuple, b: tuple) -> bool:
+        return all(max(ao, bo) < min(ao + an, bo + bn) for ao, an, bo, bn in zip(*a, *b, strict=True))
+
+    return not any(overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
 
 
-class _Reader:
-    """DCP's FileSystemReader with the metadata read once, by the restricted unpickler."""
+def _safe_reader(folder: Path, metadata: Any) -> Any:
+    """DCP's FileSystemReader, handed the metadata the restricted unpickler read (never its own pickle.load)."""
+    from torch.distributed.checkpoint import FileSystemReader
 
-    def __new__(cls, folder: Path, metadata: Any) -> Any:
-        from torch.distributed.checkpoint import FileSystemReader
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            return metadata
 
-        class SafeReader(FileSystemReader):
-            def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-                return metadata
-
-        return SafeReader(str(folder))
+    return SafeReader(str(folder))
 
 
 class DcpSource:
@@ -194,7 +198,7 @@ class DcpSource:
                                       f"to its size {list(item.size)}; the metadata is corrupt or mixed")
         self.keys = found
         self.shapes = {name: tuple(md.state_dict_metadata[key].size) for name, key in found.items()}
-        self._reader = _Reader(folder, md)
+        self._reader = _safe_reader(folder, md)
         step_values = {self._load(k, name).item() for name, k in steps.items() if name in found}
         step = int(step_values.pop()) if len(step_values) == 1 else None
         if len(step_values) > 1:
