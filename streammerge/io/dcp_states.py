@@ -199,7 +199,8 @@ class DcpSource:
         self.keys = found
         self.shapes = {name: tuple(md.state_dict_metadata[key].size) for name, key in found.items()}
         self._reader = _safe_reader(folder, md)
-        step_values = {self._load(k, name).item() for name, k in steps.items() if name in found}
+        step_keys = {k: name for name, k in steps.items() if name in found}
+        step_values = {float(t.item()) for t in self._load(step_keys).values()} if step_keys else set()
         step = int(step_values.pop()) if len(step_values) == 1 else None
         if len(step_values) > 1:
             log.warning("%s: parameters have different Adam steps; the sidecar records none", folder)
@@ -212,25 +213,30 @@ class DcpSource:
     def names(self) -> list[str]:
         return list(self.keys)
 
-    def _load(self, key: str, name: str) -> torch.Tensor:
+    def _load(self, keys: dict[str, str]) -> dict[str, torch.Tensor]:
+        """Full tensors for ``{key: parameter name}``, read by one ``dcp.load``."""
         import torch.distributed.checkpoint as dcp
 
-        item = self._md.state_dict_metadata[key]
-        out = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+        out = {}
+        for key in keys:
+            item = self._md.state_dict_metadata[key]
+            out[key] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
         try:
             with warnings.catch_warnings():  # "no process group, loading in one process": that is the intent
                 warnings.simplefilter("ignore", UserWarning)
-                dcp.load({key: out}, storage_reader=self._reader, no_dist=True)
+                dcp.load(out, storage_reader=self._reader, no_dist=True)
         except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in CheckpointException and others
-            files = sorted({self._md.storage_data[i].relative_path for i in self._md.storage_data if i.fqn == key})
-            raise CheckpointError(f"{self.path / files[0] if files else self.path}: cannot read {key!r} (parameter "
-                                  f"{name!r}): {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
+            key, name = next(iter(keys.items())) if len(keys) == 1 else ("", "Adam steps")
+            files = sorted({info.relative_path for i, info in self._md.storage_data.items() if i.fqn in keys})
+            what = f"{key!r} (parameter {name!r})" if key else name
+            raise CheckpointError(f"{self.path / files[0] if files else self.path}: cannot read {what}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
         return out
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor, int | None]]:
         step = self.metadata.get("step")
         for name, key in self.keys.items():
-            yield name, self._load(key, name).to(torch.float32), step
+            yield name, self._load({key: name})[key].to(torch.float32), step
 
     def close(self) -> None:
         pass
