@@ -331,8 +331,15 @@ def sidecar_convert(src: Path, out: Path, rank: str, model_dir: Path | None, sto
 @click.argument("file", type=click.Path(path_type=Path))
 @handle_errors
 def sidecar_inspect(file: Path) -> None:
-    """List each tensor of a sidecar FILE (or raw exp_avg_sq .safetensors): representation and bytes."""
+    """List each tensor of a sidecar FILE (or raw exp_avg_sq .safetensors): representation and bytes.
+
+    FILE may also be a DeepSpeed ZeRO or torch.distributed.checkpoint folder: its layout is reported.
+    """
     import math
+
+    if file.is_dir():
+        _inspect_source(file)
+        return
 
     from rich.console import Console
     from rich.table import Table
@@ -365,6 +372,26 @@ def sidecar_inspect(file: Path) -> None:
             f"{len(sc.keys())} tensors: {fmt_bytes(stored)} stored, {fmt_bytes(full)} as fp32 exp_avg_sq "
             f"(ratio {stored / max(full, 1):.2%})"
         )
+
+
+def _inspect_source(folder: Path) -> None:
+    """The layout of a second-moment source folder (ZeRO / DCP): what convert would read, nothing converted."""
+    import math
+
+    from .io.second_moment_sources import open_source
+    from .planner import fmt_bytes
+
+    source = open_source(folder)
+    try:
+        shapes = getattr(source, "shapes", None) or {}
+        click.echo(f"{source.kind}: {source.metadata.get('layout') or source.kind}")
+        facts = ", ".join(f"{k}: {v}" for k, v in source.metadata.items() if v is not None and k != "layout")
+        click.echo(f"metadata: {facts}")
+        numel = sum(math.prod(s) for s in shapes.values())
+        size = f", {fmt_bytes(4 * numel)} as fp32 exp_avg_sq" if numel else ""
+        click.echo(f"{len(source.names)} parameters{size}")
+    finally:
+        source.close()
 
 
 if __name__ == "__main__":

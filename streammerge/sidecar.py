@@ -3,7 +3,7 @@
     import streammerge.sidecar as sidecar
     sc = sidecar.load("expert.sidecar")          # or a name-keyed exp_avg_sq .safetensors file
     sc.keys(); sc.metadata; sc.get(name); sc.get_flat(name, start, count); sc.shape(name)
-    sidecar.convert("checkpoint-500/", "expert.sidecar", rank=1)     # Trainer folder, .safetensors, .pt
+    sidecar.convert("checkpoint-500/", "expert.sidecar", rank=1)     # Trainer/ZeRO/DCP folder, .safetensors, .pt
     sidecar.export(model, optimizer, "expert.sidecar", rank=1)       # from a live training process
 
 ``get`` returns the second moment as represented (exact, or reconstructed from its factors), fp32,
@@ -331,8 +331,10 @@ def convert(
     """Convert second moments at ``src`` into the sidecar file ``out``, streaming one tensor at a time.
 
     ``src``: a name-keyed exp_avg_sq ``.safetensors`` file, a ``.pt``/``.bin`` torch file (name-keyed
-    dict or optimizer state), or a Hugging Face Trainer checkpoint folder (``optimizer.pt`` with integer
-    ids; names are recovered and shape-checked, see ``io/second_moment_sources.py``). ``model``: a model
+    dict or optimizer state), a Hugging Face Trainer checkpoint folder (``optimizer.pt`` with integer
+    ids; names are recovered and shape-checked, see ``io/second_moment_sources.py``), a DeepSpeed ZeRO
+    1/2/3 folder (``io/deepspeed_zero.py``) or a torch.distributed.checkpoint (FSDP) folder
+    (``io/dcp_states.py``), reassembled one parameter at a time. ``model``: a model
     folder (config.json, weights) for naming an id-keyed state. ``rank``: "exact", 1 (row/column sums)
     or k (truncated SVD). ``dtype``: storage dtype of the stored values/factors (F32, BF16, F16).
     """
@@ -375,13 +377,9 @@ def export(
     have no optimizer state (frozen, or never updated) are skipped and logged. Call it on one process
     with full, unsharded fp32 states on the parameters themselves:
 
-    - DeepSpeed ZeRO (1-3): states are flat partitions; gather each parameter's full ``exp_avg_sq``
-      (``deepspeed.utils.safe_get_full_optimizer_state(param, "exp_avg_sq")`` on every rank) into a
-      name -> tensor dict and save it as safetensors, then ``streammerge sidecar convert`` that file.
-    - FSDP: states are sharded (DTensor for FSDP2, flat for FSDP1); gather a full optimizer state dict
-      (``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` with
-      ``StateDictOptions(full_state_dict=True, cpu_offload=True)``, keyed by parameter name) and save its
-      ``exp_avg_sq`` tensors by name, as above.
+    - DeepSpeed ZeRO (1-3) and FSDP: states are shards; save a checkpoint (``engine.save_checkpoint``,
+      or ``dcp.save`` of ``get_optimizer_state_dict``) and ``convert`` that folder, which reassembles
+      one parameter at a time.
     A state whose shape differs from its parameter's (a shard) is refused with that advice.
     """
     k = parse_rank(rank)
@@ -423,7 +421,7 @@ def _live_states(
         if hasattr(v, "full_tensor") or tuple(v.shape) != tuple(p.shape) or p.numel() == 0:
             raise StreamMergeError(
                 f"export: {name!r}: exp_avg_sq of shape {list(v.shape)} for a parameter of shape {list(p.shape)} "
-                "is a shard (DeepSpeed ZeRO / FSDP); gather full per-parameter states first (see the docstring)"
+                "is a shard (DeepSpeed ZeRO / FSDP); save a checkpoint and convert that folder (see the docstring)"
             )
         items.append((name, p))
     if skipped:

@@ -10,7 +10,10 @@
   folder or in ``model_dir``. Ids are named as ``optimizer_names`` explains, from the parameter order of
   the model built on the ``meta`` device from ``config.json`` when transformers can, else from the
   checkpoint's own tensor order when that is unambiguous; every state's shape is checked against the
-  checkpoint tensor of that name.
+  checkpoint tensor of that name;
+- a DeepSpeed ZeRO 1/2/3 folder (``deepspeed_zero``) or a torch.distributed.checkpoint folder
+  (``dcp_states``): sharded states reassembled one parameter at a time (their own source classes, with
+  the same ``kind``/``metadata``/``names``/``tensors()``/``close()`` surface).
 
 Torch files are opened with ``torch.load(weights_only=True, mmap=True)`` (no pickled code runs) and
 re-opened whenever the bytes read through the current mapping would exceed the largest tensor's, so
@@ -24,7 +27,7 @@ import math
 import os
 import pickle
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,15 +48,16 @@ OPTIMIZER_FILE = "optimizer.pt"
 class MappedTorchFile:
     """A torch file opened lazily through mmap, re-mapped so resident pages stay under ``budget`` bytes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, loader: Callable[[Path], Any] | None = None):
         self.path = path
+        self._loader = loader  # None: load_torch_file
         self.budget = 0
         self._obj: Any = None
         self._touched = 0
 
     def load(self) -> Any:
         if self._obj is None:
-            self._obj = load_torch_file(self.path)
+            self._obj = (self._loader or load_torch_file)(self.path)
             self._touched = 0
         return self._obj
 
@@ -82,7 +86,7 @@ def load_torch_file(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({str(e).splitlines()[0][:200]})") from e
 
 
-def _step(value: object) -> int | None:
+def state_step(value: object) -> int | None:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
@@ -148,7 +152,7 @@ def _torch_source(path: Path, kind: str, mapped: MappedTorchFile, metadata: dict
     return Source(path, kind, metadata, entries, torch_file=mapped)
 
 
-def _optimizer_metadata(sd: dict, path: Path, steps: list[int | None]) -> dict[str, Any]:
+def optimizer_metadata(sd: dict, path: Path, steps: list[int | None]) -> dict[str, Any]:
     groups = sd.get("param_groups") or []
     betas = {float(g["betas"][1]) for g in groups if isinstance(g, dict) and isinstance(g.get("betas"), (tuple, list))}
     if len(betas) > 1:
@@ -177,8 +181,8 @@ def _check_state_dict(sd: object, path: Path) -> tuple[dict, list[dict]]:
 
 def _named_state_source(path: Path, mapped: MappedTorchFile, sd: dict) -> Source:
     state, _ = _check_state_dict(sd, path)
-    keys = {name: (("state", name, "exp_avg_sq"), _step(s.get("step"))) for name, s in state.items()}
-    meta = {"source": str(path), **_optimizer_metadata(sd, path, [s for _, s in keys.values()])}
+    keys = {name: (("state", name, "exp_avg_sq"), state_step(s.get("step"))) for name, s in state.items()}
+    meta = {"source": str(path), **optimizer_metadata(sd, path, [s for _, s in keys.values()])}
     return _torch_source(path, "name-keyed optimizer state", mapped, meta, keys)
 
 
@@ -275,7 +279,7 @@ def _id_state_source(
         weights.close()
     state_shapes = {i: tuple(s["exp_avg_sq"].shape) for i, s in state.items()}
     names = assign_names(group_ids, state_shapes, layouts, shapes, str(path))
-    keys = {names[i]: (("state", i, "exp_avg_sq"), _step(state[i].get("step"))) for i in flat if i in state}
+    keys = {names[i]: (("state", i, "exp_avg_sq"), state_step(state[i].get("step"))) for i in flat if i in state}
     skipped = [names[i] for i in flat if i not in state]
     if skipped:
         log.warning(
@@ -283,7 +287,7 @@ def _id_state_source(
         )
     meta = {
         "source": str(path),
-        **_optimizer_metadata(sd, path, [s for _, s in keys.values()]),
+        **optimizer_metadata(sd, path, [s for _, s in keys.values()]),
         "names_from": names_from,
     }
     return _torch_source(path, "optimizer state (integer ids)", mapped, meta, keys)
@@ -315,24 +319,23 @@ def _has_weights(folder: Path) -> bool:
     )
 
 
-def _refuse_sharded(folder: Path) -> None:
-    if any(p.is_dir() and p.name.startswith("global_step") for p in folder.iterdir()):
-        raise CheckpointError(
-            f"{folder}: a DeepSpeed ZeRO checkpoint (global_step*/): its optimizer states are flat shards; gather full "
-            "fp32 exp_avg_sq per parameter first (e.g. streammerge.sidecar.export after "
-            "deepspeed.utils.safe_get_full_optimizer_state(param, 'exp_avg_sq'))"
-        )
-    if any(p.name.startswith(("optimizer_0", "pytorch_model_fsdp")) for p in folder.iterdir()):
-        raise CheckpointError(
-            f"{folder}: an FSDP sharded checkpoint; gather full, unsharded exp_avg_sq per parameter first "
-            "(torch.distributed.checkpoint.state_dict.get_optimizer_state_dict with full_state_dict=True)"
-        )
+def _sharded_source(folder: Path) -> Any:
+    """A DeepSpeed ZeRO or torch.distributed.checkpoint folder's source, or None when ``folder`` is neither."""
+    from . import dcp_states, deepspeed_zero  # they build on this module
+
+    if deepspeed_zero.is_zero_folder(folder):
+        return deepspeed_zero.ZeroSource(folder)
+    found = dcp_states.find_dcp_folder(folder)
+    if found is not None:
+        return dcp_states.DcpSource(found)
+    return None
 
 
 def open_source(
     src: str | os.PathLike, model_dir: str | os.PathLike | None = None, use_transformers: bool = True
-) -> Source:
-    """Open ``src`` for conversion; ``model_dir`` names (and shape-checks) id-keyed optimizer states.
+) -> Any:
+    """Open ``src`` for conversion (a ``Source``, ``ZeroSource`` or ``DcpSource``); ``model_dir`` names (and
+    shape-checks) id-keyed optimizer states.
 
     ``use_transformers=False`` skips building the model and names ids from the checkpoint alone.
     """
@@ -345,10 +348,13 @@ def open_source(
     if path.is_dir():
         if (path / OPTIMIZER_FILE).is_file():
             return _trainer_source(path, model, use_transformers)
-        _refuse_sharded(path)
+        sharded = _sharded_source(path)
+        if sharded is not None:
+            return sharded
         raise CheckpointError(
-            f"{path}: no {OPTIMIZER_FILE} here; expected a Trainer checkpoint folder, an exp_avg_sq .safetensors "
-            "file or a torch .pt/.bin file"
+            f"{path}: no {OPTIMIZER_FILE}, DeepSpeed ZeRO rank files (global_step*/) or torch.distributed.checkpoint "
+            "(.metadata) here; expected a Trainer checkpoint folder, a ZeRO or DCP folder, an exp_avg_sq "
+            ".safetensors file or a torch .pt/.bin file"
         )
     regular_file(path, "an optimizer state, exp_avg_sq file or Trainer checkpoint folder")
     if path.suffix == ".safetensors":

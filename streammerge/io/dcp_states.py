@@ -1,0 +1,245 @@
+"""FSDP / torch.distributed.checkpoint (DCP) optimizer states as a second-moment source, one tensor at a time.
+
+A DCP folder (``dcp.save(state, checkpoint_id=DIR)``, as Accelerate saves FSDP optimizer states into
+``checkpoint-N/optimizer_0/`` and torchtitan into ``step-N/``):
+
+    DIR/.metadata          pickled ``Metadata``: per flattened key its global size, dtype and chunks
+                           (offsets, sizes), and per chunk the file, byte offset and length
+    DIR/__R_0.distcp       rank R's chunks (each a ``torch.save``d tensor, or safetensors)
+
+Optimizer states saved through ``get_optimizer_state_dict`` are keyed by parameter name:
+``[PREFIX.]state.<parameter name>.exp_avg_sq`` (``PREFIX`` is ``optimizer`` when saved as
+``{"optimizer": ...}``). Names are mapped to the model's parameter names by dropping wrapper components
+(``_orig_mod``, ``module``, ``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``); FSDP1 flat
+parameters (``_flat_param``) cannot be split and are refused.
+
+``.metadata`` is read with a restricted unpickler that builds only DCP's own metadata dataclasses and
+enums and torch sizes and dtypes (DCP itself uses plain ``pickle.load``); tensors are read through DCP's
+``FileSystemReader`` (``torch.load(weights_only=True)`` per chunk) by ``dcp.load`` of one full-size
+tensor at a time without a process group, so memory holds one parameter plus one chunk. Before reading,
+every chunk file must exist and every tensor's chunks must tile it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import math
+import pickle
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+METADATA = ".metadata"
+STATE_KEY = re.compile(r"^(?:(?P<prefix>.*?)\.)?state\.(?P<fqn>.+)\.(?P<what>exp_avg_sq|step)$")
+WRAPPERS = frozenset({"_orig_mod", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
+
+# Plain constructors the metadata pickle names (``_get_layout`` maps a name to a torch.layout and is on torch's
+# own weights-only allow list; ``StorageMeta.checkpoint_id`` may be a path).
+_PLAIN = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+          ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+
+def state_key(key: str, path: object = None) -> tuple[str, str] | None:
+    """(parameter FQN, "exp_avg_sq" or "step") for an optimizer-state key, else None.
+
+    ``path``: the key's path in the saved (nested) state dict from ``Metadata.planner_data``, e.g.
+    ``("optimizer", "state", "layers.0.weight", "exp_avg_sq")``; exact where present. Otherwise the
+    flattened key is parsed (first ``state.`` component).
+    """
+    if isinstance(path, tuple) and len(path) >= 3 and path[-3] == "state" and isinstance(path[-2], str):
+        return (path[-2], path[-1]) if path[-1] in ("exp_avg_sq", "step") else None
+    m = STATE_KEY.match(key)
+    return (m.group("fqn"), m.group("what")) if m else None
+
+
+def model_name(fqn: str) -> str:
+    """The model's parameter name for an optimizer-state FQN: wrapper components dropped."""
+    return ".".join(part for part in fqn.split(".") if part not in WRAPPERS)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP metadata dataclasses/enums, ``torch.Size``, torch dtypes/layouts and ``_PLAIN``; refuses others."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _DCP_MODULES:
+            import importlib
+
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        if module == "torch":
+            obj = getattr(torch, name, None)
+            if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        if (module, name) in _PLAIN:
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not DCP metadata")
+
+
+def read_metadata(folder: Path) -> Any:
+    path = folder / METADATA
+    try:
+        with open(path, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not readable torch.distributed.checkpoint metadata "
+                              f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from e
+    if not hasattr(md, "state_dict_metadata") or not hasattr(md, "storage_data"):
+        raise CheckpointError(f"{path}: not torch.distributed.checkpoint metadata")
+    return md
+
+
+def find_dcp_folder(folder: Path) -> Path | None:
+    """``folder`` if it holds ``.metadata``; else its one ``optimizer*/`` (Accelerate) subfolder that does."""
+    if (folder / METADATA).is_file():
+        return folder
+    found = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("optimizer") and
+                   (p / METADATA).is_file())
+    if len(found) > 1:
+        raise CheckpointError(f"{folder}: several DCP optimizer folders ({', '.join(p.name for p in found)}); "
+                              "pass the one to convert")
+    return found[0] if found else None
+
+
+def _tiles(size: tuple[int, ...], chunks: list[Any]) -> bool:
+    """True when the chunks' boxes lie inside ``size``, do not overlap and cover it exactly."""
+    boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in chunks]
+    for off, sz in boxes:
+        if len(off) != len(size) or len(sz) != len(size):
+            return False
+        if any(o < 0 or s < 0 or o + s > n for o, s, n in zip(off, sz, size, strict=True)):
+            return False
+    if sum(math.prod(sz) for _, sz in boxes) != math.prod(size):
+        return False
+    if all(off[1:] == (0,) * (len(size) - 1) and sz[1:] == size[1:] for off, sz in boxes):
+        rows = sorted((off[0], sz[0]) for off, sz in boxes if sz[0])  # row slabs (FSDP's Shard(0)): 1-D intervals
+        return all(a + n <= b for (a, n), (b, _) in zip(rows, rows[1:], strict=False))
+
+    def overlap(a: tuple, b: tuple) -> bool:
+        return all(max(ao, bo) < min(ao + an, bo + bn) for ao, an, bo, bn in zip(*a, *b, strict=True))
+
+    return not any(overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+def _safe_reader(folder: Path, metadata: Any) -> Any:
+    """DCP's FileSystemReader, handed the metadata the restricted unpickler read (never its own pickle.load)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            return metadata
+
+    return SafeReader(str(folder))
+
+
+class DcpSource:
+    """A DCP folder's ``exp_avg_sq`` tensors by model parameter name, read one tensor at a time."""
+
+    kind = "torch.distributed.checkpoint (FSDP) folder"
+
+    def __init__(self, folder: Path):
+        self.path = folder
+        md = read_metadata(folder)
+        self._md = md
+        found: dict[str, str] = {}
+        steps: dict[str, str] = {}
+        planner = md.planner_data if isinstance(getattr(md, "planner_data", None), dict) else {}
+        for key, item in md.state_dict_metadata.items():
+            parsed = state_key(key, planner.get(key))
+            if parsed is None or not hasattr(item, "chunks"):
+                continue
+            fqn, what = parsed
+            if "_flat_param" in fqn.split(".")[-1] or "flat_param" in fqn:
+                raise CheckpointError(f"{folder / METADATA}: {key!r} is an FSDP1 flat parameter (several parameters in "
+                                      "one); save with get_optimizer_state_dict, which keys states by parameter name")
+            name = model_name(fqn)
+            target = found if what == "exp_avg_sq" else steps
+            if name in target:
+                raise CheckpointError(f"{folder / METADATA}: {key!r} and {target[name]!r} both name parameter {name!r}")
+            target[name] = key
+        if not found:
+            raise CheckpointError(f"{folder / METADATA}: no '[optimizer.]state.<parameter>.exp_avg_sq' tensors; only "
+                                  "Adam-type optimizer states saved by parameter name hold second moments")
+        files = {info.relative_path for info in md.storage_data.values()}
+        root = folder.resolve()
+        for rel in sorted(files):
+            if Path(rel).is_absolute() or root not in (folder / rel).resolve().parents:
+                raise CheckpointError(f"{folder / METADATA}: chunk file {rel!r} lies outside the checkpoint folder; "
+                                      "the metadata is corrupt")
+            if not (folder / rel).is_file():
+                raise CheckpointError(f"{folder / rel}: missing rank file (listed in {METADATA}); the save was "
+                                      "incomplete, or a rank's file was lost")
+        sizes = {rel: (folder / rel).stat().st_size for rel in files}
+        stored: dict[str, int] = {}
+        for index, info in md.storage_data.items():
+            if info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[info.relative_path]:
+                raise CheckpointError(f"{folder / info.relative_path}: shorter than {METADATA} says ({index.fqn!r} "
+                                      f"at bytes {info.offset}+{info.length}); truncated, or from another save")
+            stored[index.fqn] = stored.get(index.fqn, 0) + info.length
+        for name, key in found.items():
+            item = md.state_dict_metadata[key]
+            need = math.prod(item.size) * item.properties.dtype.itemsize
+            if not _tiles(tuple(item.size), item.chunks) or stored.get(key, 0) < need:
+                raise CheckpointError(f"{folder / METADATA}: the shards of {key!r} (parameter {name!r}) do not add up "
+                                      f"to its size {list(item.size)}; the metadata is corrupt or mixed")
+        self.keys = found
+        self.shapes = {name: tuple(md.state_dict_metadata[key].size) for name, key in found.items()}
+        self._reader = _safe_reader(folder, md)
+        step_keys = {k: name for name, k in steps.items() if name in found}
+        step_values = {float(t.item()) for t in self._load(step_keys).values()} if step_keys else set()
+        step = int(step_values.pop()) if len(step_values) == 1 else None
+        if len(step_values) > 1:
+            log.warning("%s: parameters have different Adam steps; the sidecar records none", folder)
+        self.metadata = {
+            "source": str(folder), "optimizer": "Adam-type", "step": step, "beta2": None,
+            "layout": f"torch.distributed.checkpoint, {len(files)} rank files, {len(found)} parameters",
+        }
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.keys)
+
+    def _load(self, keys: dict[str, str]) -> dict[str, torch.Tensor]:
+        """Full tensors for ``{key: parameter name}``, read by one ``dcp.load``."""
+        import torch.distributed.checkpoint as dcp
+
+        out = {}
+        for key in keys:
+            item = self._md.state_dict_metadata[key]
+            out[key] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+        try:
+            with warnings.catch_warnings():  # "no process group, loading in one process": that is the intent
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(out, storage_reader=self._reader, no_dist=True)
+        except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in CheckpointException and others
+            key, name = next(iter(keys.items())) if len(keys) == 1 else ("", "Adam steps")
+            files = sorted({info.relative_path for i, info in self._md.storage_data.items() if i.fqn in keys})
+            what = f"{key!r} (parameter {name!r})" if key else name
+            raise CheckpointError(f"{self.path / files[0] if files else self.path}: cannot read {what}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
+        return out
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor, int | None]]:
+        step = self.metadata.get("step")
+        for name, key in self.keys.items():
+            yield name, self._load({key: name})[key].to(torch.float32), step
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["DcpSource", "find_dcp_folder", "model_name", "read_metadata"]
