@@ -53,9 +53,14 @@ def merge(
     dtype, tokenizer files and a model card. An interrupted merge into the same ``out_dir`` with
     the same config, options and inputs resumes where it stopped (``restart=True`` discards it).
     ``sync_bytes``: make the output durable every this many bytes (0: after every tensor, None:
-    only at the end). Raises ``StreamMergeError`` for bad input.
+    only at the end). Raises ``StreamMergeError`` for bad input. Under torchrun (``WORLD_SIZE`` > 1)
+    every rank calls it alike and computes its share (see ``streammerge.distributed``).
     """
-    options = MergeOptions(resolve_device(device), overwrite, restart, allow_nonfinite, sync_bytes)
+    from . import distributed
+
+    group = distributed.join(device)  # a torchrun rank (WORLD_SIZE > 1): this process merges its share
+    options = MergeOptions(group.device if group else resolve_device(device), overwrite, restart, allow_nonfinite,
+                           sync_bytes)
     p = plan(config, out_dir, out_shard_size=out_shard_size, chunk_elements=chunk_elements)
     try:
         return run_merge(p, options, progress)

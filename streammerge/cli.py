@@ -18,8 +18,16 @@ def one_line(message: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {one_line(message)}", err=True)
+def _fail(message: str, exc: BaseException | None = None) -> None:
+    from . import distributed
+
+    group = distributed.current()
+    if group is not None:  # a torchrun rank: rank 0 prints the first error of any rank, the others stay quiet
+        message = group.report(message, exc)
+    if message is not None:
+        click.echo(f"error: {one_line(message)}", err=True)
+    if group is not None and group.rank == 0:
+        group.shown()
     sys.exit(1)
 
 
@@ -36,17 +44,17 @@ def handle_errors(fn):
         except StreamMergeError as e:
             if debug:
                 raise
-            _fail(str(e))
-        except KeyboardInterrupt:
-            _fail("interrupted; re-run the same command to resume")
-        except MemoryError:
+            _fail(str(e), e)
+        except KeyboardInterrupt as e:
+            _fail("interrupted; re-run the same command to resume", e)
+        except MemoryError as e:
             if debug:
                 raise
-            _fail("out of memory; try a smaller --chunk-size or a machine with more RAM")
+            _fail("out of memory; try a smaller --chunk-size or a machine with more RAM", e)
         except OSError as e:
             if debug:
                 raise
-            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "), e)
 
     return click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")(wrapper)
 
@@ -100,7 +108,9 @@ def merge(
 ) -> None:
     """Merge as CONFIG (a mergekit YAML) says into the Hugging Face folder OUT_DIR.
 
-    Re-running the same command after an interruption resumes where it stopped."""
+    Re-running the same command after an interruption resumes where it stopped. Started by torchrun
+    (WORLD_SIZE > 1), every rank takes a share of the tensors (README: Distributed merges)."""
+    from . import distributed
     from .api import plan as make_plan
     from .engine import MergeOptions, resolve_device, run_merge
     from .planner import DEFAULT_CHUNK_ELEMENTS, describe_plan, fmt_bytes, parse_size
@@ -110,20 +120,27 @@ def merge(
         raise StreamMergeError(f"--chunk-size {chunk}: must be a positive multiple of 1048576")
     sync_bytes = None if sync_every == "end" else 0 if sync_every.strip() == "0" else parse_size(sync_every)
     _raise_open_file_limit()
+    group = distributed.join(device)  # None unless started by torchrun with WORLD_SIZE > 1
+    lead = group is None or group.rank == 0  # the process that talks to the user
     the_plan = make_plan(config, out_dir, out_shard_size=out_shard_size, chunk_elements=chunk)
     try:
         if dry_run:
-            for line in describe_plan(the_plan):
+            for line in describe_plan(the_plan) if lead else []:
                 click.echo(line)
+            distributed.leave()
             return
         _tune_allocator()
-        options = MergeOptions(resolve_device(device), overwrite, restart, allow_nonfinite, sync_bytes)
-        if quiet:
+        compute_device = group.device if group is not None else resolve_device(device)
+        options = MergeOptions(compute_device, overwrite, restart, allow_nonfinite, sync_bytes)
+        if quiet or not lead:
             result = run_merge(the_plan, options)
         else:
             result = _run_with_progress(the_plan, options)
     finally:
         the_plan.close()
+    distributed.leave()
+    if not lead:
+        return
     for line in result.report:
         click.echo(line)
     if result.already_complete:
@@ -134,9 +151,10 @@ def merge(
     elif not quiet:
         speed = fmt_bytes(int(result.bytes_written / max(result.seconds, 1e-9)))
         resumed = f" ({result.resumed_tensors} resumed from an earlier run)" if result.resumed_tensors else ""
+        ranks = f" on {group.world_size} ranks" if group is not None else ""
         click.echo(
             f"wrote {result.tensors} tensors{resumed}, {fmt_bytes(result.bytes_written)} to {result.out_dir} "
-            f"in {result.seconds:.1f} s ({speed}/s)"
+            f"in {result.seconds:.1f} s ({speed}/s){ranks}"
         )
 
 

@@ -294,6 +294,11 @@ def _prefetch(plan: MergePlan, tensor: PlannedTensor) -> None:
 def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: ProgressFn | None = None) -> MergeResult:
     """Run ``plan`` into ``plan.out_dir``, resuming an interrupted run of the same plan."""
     options = options or MergeOptions()
+    from . import distributed
+
+    group = distributed.current()
+    if group is not None:  # one rank of a torchrun launch: see distributed.py
+        return distributed.run_merge(plan, options, progress, group)
     if wants_adapter_output(plan):
         return run_adapter_merge(plan, options)
     t0 = time.perf_counter()
@@ -330,10 +335,13 @@ def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: Pr
     )
 
 
-def _start_run(plan: MergePlan, options: MergeOptions, done: dict, progress: ProgressFn | None):
+def _start_run(plan: MergePlan, options: MergeOptions, done: dict, progress: ProgressFn | None,
+               mine: set[str] | None = None, reduce: Callable | None = None):
     """The method's whole-model state, calibrated over every merged tensor first if it asks for it.
 
-    A resumed merge calibrates again (the pass is deterministic, so the thresholds are the same)."""
+    A resumed merge calibrates again (the pass is deterministic, so the thresholds are the same).
+    Distributed (``distributed.py``): this rank observes only the tensors named in ``mine``, and
+    ``reduce(run)`` combines every rank's observations before ``run.calibrate()``."""
     method = plan.config.method
     merged = [t for t in plan.tensors if t.merged]
     if method.start_run is None or not merged or all(t.out.name in done for t in plan.tensors):
@@ -345,23 +353,28 @@ def _start_run(plan: MergePlan, options: MergeOptions, done: dict, progress: Pro
     if run.needs_calibration(model_params):
         if progress is not None:
             progress(ProgressEvent("calibrate_start", nbytes=sum(t.out.nbytes for t in merged), tensors=len(merged)))
-        for i, tensor in enumerate(merged):
-            if i + 1 < len(merged):
-                _prefetch(plan, merged[i + 1])
+        observed = merged if mine is None else [t for t in merged if t.out.name in mine]
+        for i, tensor in enumerate(observed):
+            if i + 1 < len(observed):
+                _prefetch(plan, observed[i + 1])
             for inputs in tensor_chunks(plan, tensor, options, run)():
                 run.observe(inputs)
                 del inputs
             if progress is not None:
                 progress(ProgressEvent("calibrate", tensor.out.name, tensor.out.nbytes))
+        if reduce is not None:
+            reduce(run)
         run.calibrate()
     return run
 
 
 def _merge_all(
-    plan: MergePlan, options: MergeOptions, writer: ShardWriter, journal: Journal, progress: ProgressFn | None, run=None
+    plan: MergePlan, options: MergeOptions, writer: ShardWriter, journal: Journal, progress: ProgressFn | None,
+    run=None, mine: set[str] | None = None,
 ) -> int:
-    """The loop: every tensor not yet done is computed, written and journaled. Returns how many."""
-    todo = [t for t in plan.tensors if t.out.name not in writer.done]
+    """The loop: every tensor not yet done (and, distributed, named in ``mine``) is computed, written and
+    journaled. Returns how many."""
+    todo = [t for t in plan.tensors if t.out.name not in writer.done and (mine is None or t.out.name in mine)]
     since_sync = 0
     behind = WriteBehind(writer, journal)
     try:
