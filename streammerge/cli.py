@@ -91,6 +91,12 @@ def main() -> None:
     show_default=True,
     help="Make the output durable (fsync) every this many bytes; 0: after every tensor; 'end': only at the end.",
 )
+@click.option(
+    "--gpu-memory",
+    default=None,
+    help="With --device cuda: GPU bytes a tensor's working set may take (e.g. 8GB; default: what the device "
+    "reports); a tensor that does not fit runs on the CPU.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @handle_errors
 def merge(
@@ -104,6 +110,7 @@ def merge(
     overwrite: bool,
     allow_nonfinite: bool,
     sync_every: str,
+    gpu_memory: str | None,
     quiet: bool,
 ) -> None:
     """Merge as CONFIG (a mergekit YAML) says into the Hugging Face folder OUT_DIR.
@@ -112,7 +119,7 @@ def merge(
     (WORLD_SIZE > 1), every rank takes a share of the tensors (README: Distributed merges)."""
     from . import distributed
     from .api import plan as make_plan
-    from .engine import MergeOptions, resolve_device, run_merge
+    from .engine import MergeOptions, resolve_device, resolve_gpu_memory, run_merge
     from .planner import DEFAULT_CHUNK_ELEMENTS, describe_plan, fmt_bytes, parse_size
 
     chunk = chunk_elements or DEFAULT_CHUNK_ELEMENTS
@@ -131,7 +138,8 @@ def merge(
             return
         _tune_allocator()
         compute_device = group.device if group is not None else resolve_device(device)
-        options = MergeOptions(compute_device, overwrite, restart, allow_nonfinite, sync_bytes)
+        budget = resolve_gpu_memory(compute_device, gpu_memory)
+        options = MergeOptions(compute_device, overwrite, restart, allow_nonfinite, sync_bytes, budget)
         if quiet or not lead:
             result = run_merge(the_plan, options)
         else:

@@ -256,6 +256,7 @@ class Group:
         """Start the thread that stops this rank when another fails and, on rank 0, feeds the progress bar
         from every rank's counts."""
         self._progress = progress if self.rank == 0 else None
+        self._calibrating = False
         self._stop.clear()
         self._watcher = threading.Thread(target=self._watch, name="streammerge-ranks", daemon=True)
         self._watcher.start()
@@ -446,7 +447,7 @@ def run_merge(plan: MergePlan, options: MergeOptions, progress: ProgressFn | Non
 
 
 def _rank0(plan, options, group: Group, summary: dict, t0: float) -> MergeResult:
-    from .engine import MergeResult, ProgressEvent
+    from .engine import MergeResult, ProgressEvent, gpu_memory_report
     from .io.hf_files import write_model_card, write_model_files
     from .io.writer import ShardWriter
     from .output_dir import absorb_rank_journals, claim_output_dir
@@ -463,6 +464,7 @@ def _rank0(plan, options, group: Group, summary: dict, t0: float) -> MergeResult
                  total, len(done), plan.config.method.name, group.world_size, plan.out_dir)
         with ShardWriter(plan.out_dir, plan.shards, done) as writer:
             writer.open_all()  # every shard file exists, with its header, before any rank writes into it
+            writer.sync()  # and other machines see it (network file systems flush on fsync)
             group.broadcast(done, "the output folder claim")
             outcome = _work(plan, options, group, writer, claim.journal, done)
             absorbed = absorb_rank_journals(plan.out_dir, claim.journal, summary, done=writer.done)
@@ -479,7 +481,7 @@ def _rank0(plan, options, group: Group, summary: dict, t0: float) -> MergeResult
     from .output_dir import remove_rank_journals
 
     remove_rank_journals(plan.out_dir)
-    report = outcome.run.report() if outcome.run is not None else []
+    report = (outcome.run.report() if outcome.run is not None else []) + gpu_memory_report(plan, options)
     return MergeResult(plan.out_dir, total, plan.output_bytes, time.perf_counter() - t0,
                        resumed_tensors=total - outcome.computed, computed_tensors=outcome.computed, report=report)
 

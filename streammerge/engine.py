@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -76,6 +76,7 @@ class MergeOptions:
     restart: bool = False  # discard an earlier, unfinished or different merge in OUT_DIR
     allow_nonfinite: bool = False  # merge inputs holding NaN/Inf instead of refusing them
     sync_bytes: int | None = DEFAULT_SYNC_BYTES  # durable point every this many output bytes; 0: every tensor
+    gpu_memory: int | None = None  # CUDA: a tensor whose working set exceeds this many bytes runs on the CPU
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,45 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise StreamMergeError(f"--device {device!r}: expected auto, cpu or cuda[:N]")
     return torch.device(device)
+
+
+def resolve_gpu_memory(device: torch.device, budget: int | str | None) -> int | None:
+    """``--gpu-memory``: bytes (``8GB``), or by default what the CUDA device reports; refused off CUDA."""
+    if device.type != "cuda":
+        if budget is not None:
+            raise StreamMergeError(
+                f"--gpu-memory {budget}: the merge runs on the CPU here ({device}); it applies to --device cuda only"
+            )
+        return None
+    if budget is None:
+        return torch.cuda.get_device_properties(device).total_memory
+    from .planner import parse_size
+
+    return parse_size(budget)
+
+
+def tensor_options(plan: MergePlan, tensor: PlannedTensor, options: MergeOptions) -> MergeOptions:
+    """``options`` for one tensor: its device is the CPU when its working set does not fit ``gpu_memory``."""
+    if options.gpu_memory is None or options.device.type != "cuda":
+        return options
+    if plan.tensor_working_set(tensor) <= options.gpu_memory:
+        return options
+    return replace(options, device=torch.device("cpu"))
+
+
+def gpu_memory_report(plan: MergePlan, options: MergeOptions) -> list[str]:
+    """The line saying which tensors run on the CPU because they do not fit ``--gpu-memory`` (if any)."""
+    over = [t for t in plan.tensors if t.merged and tensor_options(plan, t, options) is not options]
+    if not over:
+        return []
+    biggest = max(over, key=plan.tensor_working_set)
+    from .planner import fmt_bytes
+
+    return [
+        f"{len(over)} tensor(s) ran on the CPU: their working set exceeds --gpu-memory {fmt_bytes(options.gpu_memory)} "
+        f"(largest: {biggest.out.name}, ~{fmt_bytes(plan.tensor_working_set(biggest))}): "
+        + ", ".join(t.out.name for t in over[:5]) + (" ..." if len(over) > 5 else "")
+    ]
 
 
 def _first_nonfinite(x: torch.Tensor) -> tuple[int, int] | None:
@@ -321,7 +361,7 @@ def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: Pr
             write_model_card(plan.out_dir, plan.config.source, plan.config.method.name, inputs)
             writer.finalize()
         claim.journal.complete()
-    report = run.report() if run is not None else []
+    report = (run.report() if run is not None else []) + gpu_memory_report(plan, options)
     for line in report:
         log.info("%s", line)
     return MergeResult(
@@ -357,7 +397,7 @@ def _start_run(plan: MergePlan, options: MergeOptions, done: dict, progress: Pro
         for i, tensor in enumerate(observed):
             if i + 1 < len(observed):
                 _prefetch(plan, observed[i + 1])
-            for inputs in tensor_chunks(plan, tensor, options, run)():
+            for inputs in tensor_chunks(plan, tensor, tensor_options(plan, tensor, options), run)():
                 run.observe(inputs)
                 del inputs
             if progress is not None:
@@ -381,7 +421,7 @@ def _merge_all(
         for i, tensor in enumerate(todo):
             if i + 1 < len(todo):
                 _prefetch(plan, todo[i + 1])
-            merge_tensor(plan, tensor, behind, options, run)
+            merge_tensor(plan, tensor, behind, tensor_options(plan, tensor, options), run)
             behind.finish(tensor.out.name)
             since_sync += tensor.out.nbytes
             if options.sync_bytes is not None and since_sync >= options.sync_bytes:

@@ -61,7 +61,7 @@ class Claim:
 
 def plan_options(plan: MergePlan, options: MergeOptions) -> dict:
     """Options that change the output bytes; a resume needs them unchanged."""
-    return {
+    found = {
         "out_shard_size": plan.max_shard_bytes,
         "chunk_elements": plan.chunk_elements,
         "device": options.device.type,
@@ -69,6 +69,9 @@ def plan_options(plan: MergePlan, options: MergeOptions) -> dict:
         "streammerge": __version__,
         "torch": torch.__version__,
     }
+    if options.device.type == "cuda":  # which tensors run on the CPU instead
+        found["gpu_memory"] = options.gpu_memory
+    return found
 
 
 def _out_files(out_dir: Path) -> list[Path]:

@@ -133,8 +133,11 @@ import json, sys
 import streammerge
 configs, out_root, results = json.loads(sys.argv[1]), sys.argv[2], {}
 for name, cfg in configs.items():
-    r = streammerge.merge(cfg, f"{out_root}/{name}", device="cpu", out_shard_size="100KB")
-    results[name] = {"report": r.report, "computed": r.computed_tensors, "tensors": r.tensors}
+    events = []
+    r = streammerge.merge(cfg, f"{out_root}/{name}", device="cpu", out_shard_size="100KB", progress=events.append)
+    count = lambda kind: [sum(e.kind == kind for e in events), sum(e.nbytes for e in events if e.kind == kind)]
+    results[name] = {"report": r.report, "computed": r.computed_tensors, "tensors": r.tensors, "bytes":
+                     r.bytes_written, "progress": count("tensor"), "calibration": count("calibrate")}
 from streammerge import distributed
 if distributed.current().rank == 0:
     json.dump(results, open(f"{out_root}/results.json", "w"))
@@ -154,9 +157,15 @@ def test_every_method_gives_the_single_process_bytes(tmp_path, reference, ranks)
         assert _same(tmp_path / name, ref[name]), name
         assert results[name]["computed"] == results[name]["tensors"], name
         assert results[name]["report"] == reports[name], name  # e.g. FFG density achieved: counts summed over ranks
+        # rank 0's progress saw the whole merge, every rank's tensors
+        assert results[name]["progress"] == [results[name]["tensors"], results[name]["bytes"]], name
         assert not rank_journal_paths(tmp_path / name)  # joined into the main journal
         state = read_journal(tmp_path / name)
         assert state.complete and len(state.records) == results[name]["tensors"]
+    plan = streammerge.plan(configs["ota_ffg"], tmp_path / "unused")
+    merged = [t for t in plan.tensors if t.merged]
+    plan.close()
+    assert results["ota_ffg"]["calibration"] == [len(merged), sum(t.out.nbytes for t in merged)]
     assert any("kept" in line for line in reports["ota_ffg"])  # the report compared is not empty
 
 
@@ -317,3 +326,58 @@ def test_ord_cost_follows_the_cube_of_d_in(tmp_path):
     finally:
         plan.close()
 
+
+
+# --- --gpu-memory -----------------------------------------------------------------------------------------
+
+
+def test_gpu_memory_budget_sends_tensors_that_do_not_fit_to_the_cpu(tmp_path):
+    from streammerge.engine import MergeOptions, gpu_memory_report, tensor_options
+
+    cfg = {"merge_method": "orthomerge", "base_model": str(BASE), "models": [{"model": str(A)}, {"model": str(B)}]}
+    plan = streammerge.plan(cfg, tmp_path / "o")
+    try:
+        def working_set(t):  # six copies of the tensor and six d_in × d_in matrices, fp32
+            return 4 * (6 * t.out.numel + (6 * t.out.shape[1] ** 2 if len(t.out.shape) == 2 else 0))
+
+        sizes = sorted({working_set(t) for t in plan.tensors})
+        budget = sizes[len(sizes) // 2]
+        options = MergeOptions(device=torch.device("cuda"), gpu_memory=budget)
+        on_cpu = [t.out.name for t in plan.tensors if tensor_options(plan, t, options).device.type == "cpu"]
+        assert on_cpu == [t.out.name for t in plan.tensors if working_set(t) > budget] and on_cpu
+        assert all(tensor_options(plan, t, options) is options for t in plan.tensors if t.out.name not in on_cpu)
+        (line,) = gpu_memory_report(plan, options)
+        assert line.startswith(f"{len(on_cpu)} tensor(s) ran on the CPU") and on_cpu[0] in line
+        assert gpu_memory_report(plan, MergeOptions()) == []  # CPU merges: no budget
+    finally:
+        plan.close()
+
+
+def test_gpu_memory_is_refused_on_the_cpu(tmp_path):
+    from click.testing import CliRunner
+
+    from streammerge.cli import main
+
+    r = CliRunner().invoke(main, ["merge", str(FIXTURES / "configs" / "ties.yaml"), str(tmp_path / "o"), "--device",
+                                  "cpu", "--gpu-memory", "8GB"])
+    assert r.exit_code == 1 and "applies to --device cuda only" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_merge_with_a_tiny_budget_runs_every_tensor_on_the_cpu(tmp_path, reference):
+    configs, ref, _ = reference
+    r = streammerge.merge(configs["ties"], tmp_path / "o", device="cuda", out_shard_size=SHARD, gpu_memory=1)
+    assert any("ran on the CPU" in line for line in r.report)
+    assert _same(tmp_path / "o", ref["ties"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_ranks_on_two_gpus_with_nccl(tmp_path, reference):
+    configs, ref, _ = reference
+    cuda = tmp_path / "cuda-1p"
+    streammerge.merge(configs["orthomerge_ord"], cuda, device="cuda", out_shard_size=SHARD)
+    r = _run(2, ["-m", "streammerge", "merge", str(configs["orthomerge_ord"]), str(tmp_path / "o"), "--device", "cuda",
+                 "--out-shard-size", SHARD, "-q"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _same(tmp_path / "o", snapshot(cuda))
