@@ -118,12 +118,7 @@ def reference(tmp_path_factory, sidecars):
     """Single-process merges of every config (bytes and the method's report)."""
     root = tmp_path_factory.mktemp("reference")
     configs = _configs(root, sidecars)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        results = {name: _merge(cfg, root / name) for name, cfg in configs.items()}
-    finally:
-        torch.set_num_threads(before)
+    results = {name: _merge(cfg, root / name) for name, cfg in configs.items()}  # torch's default threads
     return configs, {name: snapshot(root / name) for name in configs}, {n: r.report for n, r in results.items()}
 
 
@@ -261,7 +256,7 @@ mode = sys.argv.pop(1)
 if os.environ["RANK"] == "1":
     if mode == "mismatch":  # rank 1 plans with another chunk size
         sys.argv += ["--chunk-size", "2097152"]
-    else:
+    elif mode == "remote":
         from streammerge import engine
         from streammerge.errors import OutputError
         def merge_tensor(plan, tensor, *a, **k):
@@ -273,20 +268,27 @@ main()
 """
 
 
-@pytest.mark.parametrize("mode", ["mismatch", "remote"])
+@pytest.mark.parametrize("mode", ["mismatch", "remote", "rank0"])
 def test_an_error_on_any_rank_is_one_line(tmp_path, reference, mode):
     configs, _, _ = reference
     driver = tmp_path / "err.py"
     driver.write_text(ERROR_DRIVER)
-    r = _run(2, [str(driver), mode, "merge", str(configs["task_arithmetic"]), str(tmp_path / "out"), "--device",
-                 "cpu", "-q"])
+    out = tmp_path / "out"
+    if mode == "rank0":  # rank 0 refuses the output folder: it holds something else
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    r = _run(2, [str(driver), mode, "merge", str(configs["task_arithmetic"]), str(out), "--device", "cpu", "-q"])
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, r.stderr[-3000:]
     if mode == "mismatch":
         assert "rank 1" in lines[0] and "option chunk_elements changed from 4194304 to 2097152" in lines[0]
-    else:
+    elif mode == "remote":
         assert lines[0].startswith("error: rank 1 (") and "boom: cannot write" in lines[0]
+    else:
+        assert lines[0] == f"error: {out}: is not empty; choose a new folder or pass --overwrite to replace its " \
+            "model files"
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert "[rank" not in r.stderr  # no rank printed a traceback (torchrun prints its own summary)
 
 
