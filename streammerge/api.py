@@ -9,13 +9,13 @@ from pathlib import Path
 import yaml
 
 from .config import MergeConfig, load_config, parse_config
+from .device_budget import resolve_gpu_memory
 from .engine import (
     DEFAULT_SYNC_BYTES,
     MergeOptions,
     MergeResult,
     ProgressFn,
     resolve_device,
-    resolve_gpu_memory,
     run_merge,
 )
 from .planner import DEFAULT_CHUNK_ELEMENTS, MergePlan, make_plan, parse_size

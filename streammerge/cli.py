@@ -119,7 +119,8 @@ def merge(
     (WORLD_SIZE > 1), every rank takes a share of the tensors (README: Distributed merges)."""
     from . import distributed
     from .api import plan as make_plan
-    from .engine import MergeOptions, resolve_device, resolve_gpu_memory, run_merge
+    from .device_budget import resolve_gpu_memory
+    from .engine import MergeOptions, resolve_device, run_merge
     from .planner import DEFAULT_CHUNK_ELEMENTS, describe_plan, fmt_bytes, parse_size
 
     chunk = chunk_elements or DEFAULT_CHUNK_ELEMENTS

@@ -447,7 +447,8 @@ def run_merge(plan: MergePlan, options: MergeOptions, progress: ProgressFn | Non
 
 
 def _rank0(plan, options, group: Group, summary: dict, t0: float) -> MergeResult:
-    from .engine import MergeResult, ProgressEvent, gpu_memory_report
+    from .device_budget import gpu_memory_report
+    from .engine import MergeResult, ProgressEvent
     from .io.hf_files import write_model_card, write_model_files
     from .io.writer import ShardWriter
     from .output_dir import absorb_rank_journals, claim_output_dir

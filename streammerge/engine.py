@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +27,7 @@ import torch
 
 from .adapter_output import run_adapter_merge, wants_adapter_output
 from .config import layer_position, resolve_parameters
+from .device_budget import gpu_memory_report, tensor_options
 from .errors import CheckpointError, StreamMergeError
 from .io.hf_files import write_model_card, write_model_files
 from .io.journal import Journal
@@ -99,45 +100,6 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise StreamMergeError(f"--device {device!r}: expected auto, cpu or cuda[:N]")
     return torch.device(device)
-
-
-def resolve_gpu_memory(device: torch.device, budget: int | str | None) -> int | None:
-    """``--gpu-memory``: bytes (``8GB``), or by default what the CUDA device reports; refused off CUDA."""
-    if device.type != "cuda":
-        if budget is not None:
-            raise StreamMergeError(
-                f"--gpu-memory {budget}: the merge runs on the CPU here ({device}); it applies to --device cuda only"
-            )
-        return None
-    if budget is None:
-        return torch.cuda.get_device_properties(device).total_memory
-    from .planner import parse_size
-
-    return parse_size(budget)
-
-
-def tensor_options(plan: MergePlan, tensor: PlannedTensor, options: MergeOptions) -> MergeOptions:
-    """``options`` for one tensor: its device is the CPU when its working set does not fit ``gpu_memory``."""
-    if options.gpu_memory is None or options.device.type != "cuda":
-        return options
-    if plan.tensor_working_set(tensor) <= options.gpu_memory:
-        return options
-    return replace(options, device=torch.device("cpu"))
-
-
-def gpu_memory_report(plan: MergePlan, options: MergeOptions) -> list[str]:
-    """The line saying which tensors run on the CPU because they do not fit ``--gpu-memory`` (if any)."""
-    over = [t for t in plan.tensors if t.merged and tensor_options(plan, t, options) is not options]
-    if not over:
-        return []
-    biggest = max(over, key=plan.tensor_working_set)
-    from .planner import fmt_bytes
-
-    return [
-        f"{len(over)} tensor(s) ran on the CPU: their working set exceeds --gpu-memory {fmt_bytes(options.gpu_memory)} "
-        f"(largest: {biggest.out.name}, ~{fmt_bytes(plan.tensor_working_set(biggest))}): "
-        + ", ".join(t.out.name for t in over[:5]) + (" ..." if len(over) > 5 else "")
-    ]
 
 
 def _first_nonfinite(x: torch.Tensor) -> tuple[int, int] | None:

@@ -334,7 +334,8 @@ def test_ord_cost_follows_the_cube_of_d_in(tmp_path):
 
 
 def test_gpu_memory_budget_sends_tensors_that_do_not_fit_to_the_cpu(tmp_path):
-    from streammerge.engine import MergeOptions, gpu_memory_report, tensor_options
+    from streammerge.device_budget import gpu_memory_report, tensor_options
+    from streammerge.engine import MergeOptions
 
     cfg = {"merge_method": "orthomerge", "base_model": str(BASE), "models": [{"model": str(A)}, {"model": str(B)}]}
     plan = streammerge.plan(cfg, tmp_path / "o")
