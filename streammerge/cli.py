@@ -123,13 +123,13 @@ def merge(
     from .engine import MergeOptions, resolve_device, run_merge
     from .planner import DEFAULT_CHUNK_ELEMENTS, describe_plan, fmt_bytes, parse_size
 
+    group = distributed.join(device)  # None unless started by torchrun with WORLD_SIZE > 1
+    lead = group is None or group.rank == 0  # the process that talks to the user
     chunk = chunk_elements or DEFAULT_CHUNK_ELEMENTS
     if chunk <= 0 or chunk % (1 << 20):
         raise StreamMergeError(f"--chunk-size {chunk}: must be a positive multiple of 1048576")
     sync_bytes = None if sync_every == "end" else 0 if sync_every.strip() == "0" else parse_size(sync_every)
     _raise_open_file_limit()
-    group = distributed.join(device)  # None unless started by torchrun with WORLD_SIZE > 1
-    lead = group is None or group.rank == 0  # the process that talks to the user
     the_plan = make_plan(config, out_dir, out_shard_size=out_shard_size, chunk_elements=chunk)
     try:
         if dry_run:
