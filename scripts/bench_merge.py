@@ -2,6 +2,7 @@
 
     python scripts/bench_merge.py                       # ~0.5 B-param bf16 Llama set, base + 3 experts
     python scripts/bench_merge.py --hidden 512 --layers 4 --vocab 8000 --scaling-experts 2,8
+    python scripts/bench_merge.py --ranks 2 --methods orthomerge,ties    # 1 process vs 2 torchrun ranks
 
 Builds (once, reused afterwards) a Llama-shaped set under --data-dir: base + N experts, two
 safetensors shards each, written with the reference safetensors writer. Every merge runs as a child
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -113,6 +115,10 @@ def config_yaml(
     sidecars: list[Path] | None = None,
     ffg_density: float | None = None,
 ) -> str:
+    if method == "orthomerge":  # Orthogonal-Residual Decoupling of full fine-tunes (no per-model parameters)
+        models = "".join(f"  - model: {e}\n" for e in experts)
+        return (f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}parameters: {{lambda: 0.5}}\n"
+                f"dtype: float32\nout_dtype: bfloat16\n{extra}")
     if method == "ota":
         density = f"\n    parameters: {{density: {ffg_density}}}" if ffg_density else ""
         models = "".join(
@@ -220,6 +226,50 @@ def repeated(runs: list[tuple[float, int, int, float]]) -> tuple[float, int, int
     return median([r[0] for r in runs]), max(r[1] for r in runs), codes[0] if codes else 0, median([r[3] for r in runs])
 
 
+def output_digest(out: Path) -> str:
+    """SHA-256 over the output folder's model files, by name (the journal left out)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(out.glob("*")):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def run_ranks(cfg_path: Path, out: Path, ranks: int, threads: int | None = None) -> tuple[float, float, float, str]:
+    """One merge by ``ranks`` torchrun processes (1: a plain process; ``threads``: its OMP_NUM_THREADS).
+    Returns (wall s of the command, the merge's own s as it reports, CPU s of the command's processes, digest
+    of the output). torchrun gives each of several ranks one thread."""
+    import re
+
+    shutil.rmtree(out, ignore_errors=True)
+    merge = ["merge", str(cfg_path), str(out), "--device", "cpu"]
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "streammerge", *merge]
+    else:
+        cmd = [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc-per-node", str(ranks),
+               "-m", "streammerge", *merge]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("OMP_NUM_THREADS", None)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    before = os.times()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    if proc.returncode != 0:
+        print(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return wall, float("nan"), cpu, "FAILED"
+    m = re.search(r" in ([0-9.]+) s \(", proc.stdout)
+    digest = output_digest(out)
+    shutil.rmtree(out, ignore_errors=True)
+    return wall, float(m.group(1)) if m else float("nan"), cpu, digest
+
+
 def add_shape_options(ap: argparse.ArgumentParser) -> None:
     """The Llama-shaped set's dimensions (default ~0.5 B parameters), shared by the bench scripts."""
     ap.add_argument("--hidden", type=int, default=1536)
@@ -251,7 +301,16 @@ def main() -> None:
         action="store_true",
         help="also time task_arithmetic with --sync-every end / 1GB (default) / 0 (every tensor)",
     )
+    ap.add_argument(
+        "--ranks",
+        type=int,
+        default=0,
+        help="only time --methods with 1 process and with N torchrun ranks (same bytes checked), then stop",
+    )
     args = ap.parse_args()
+    if args.ranks:
+        bench_ranks(args)
+        return
 
     shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
     params = sum(math.prod(s) for s in shapes.values())
@@ -360,6 +419,43 @@ def main() -> None:
                     f"| {n} | {method} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | {100 * (rss / first - 1):+.1f}% |",
                     flush=True,
                 )
+
+
+def bench_ranks(args) -> None:
+    """``--ranks N``: each method merged by one process and by N torchrun ranks (gloo, CPU), interleaved."""
+    shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
+    params = sum(math.prod(s) for s in shapes.values())
+    folders = build_set(args.data_dir, args, args.experts)
+    base, experts = folders[0], folders[1 : 1 + args.experts]
+    work = args.data_dir / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    warm([base, *experts])
+    print(
+        f"\nset: {params / 1e9:.3f} B params/model, bf16, base + {args.experts} experts (hidden {args.hidden}, "
+        f"intermediate {args.intermediate}, {args.layers} layers, vocab {args.vocab}); {os.cpu_count()} CPUs; "
+        f"median of {args.repeats}\n"
+    )
+    print("| method | processes | wall s | merge s | CPU s | wall speed-up | merge speed-up | same bytes |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
+    for method in args.methods.split(","):
+        cfg_path = work / f"{method}-ranks.yaml"
+        cfg_path.write_text(config_yaml(method, base, experts))
+        # (label, ranks, OMP threads): one process as a user runs it (torch's default threads), the same
+        # with one thread (per-core baseline), and N ranks of one thread each (torchrun's default)
+        setups = [("1", 1, None), ("1, 1 thread", 1, 1), (f"{args.ranks} ranks", args.ranks, None)]
+        runs: dict[str, list] = {label: [] for label, _, _ in setups}
+        for _ in range(args.repeats):
+            for label, n, threads in setups:
+                runs[label].append(run_ranks(cfg_path, work / "out-ranks", n, threads))
+        digests = {r[3] for rs in runs.values() for r in rs}
+        rows = {label: [sorted(r[i] for r in rs)[len(rs) // 2] for i in range(3)] for label, rs in runs.items()}
+        same = "yes" if len(digests) == 1 and "FAILED" not in digests else "NO"
+        for label, (wall, merge, cpu) in rows.items():
+            print(
+                f"| {method} | {label} | {wall:.1f} | {merge:.1f} | {cpu:.1f} | {rows['1'][0] / wall:.2f}x | "
+                f"{rows['1'][1] / merge:.2f}x | {same} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

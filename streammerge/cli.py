@@ -18,8 +18,16 @@ def one_line(message: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {one_line(message)}", err=True)
+def _fail(message: str, exc: BaseException | None = None) -> None:
+    from . import distributed
+
+    group = distributed.current()
+    if group is not None:  # a torchrun rank: rank 0 prints the first error of any rank, the others stay quiet
+        message = group.report(message, exc)
+    if message is not None:
+        click.echo(f"error: {one_line(message)}", err=True)
+    if group is not None and group.rank == 0:
+        group.shown()
     sys.exit(1)
 
 
@@ -36,17 +44,17 @@ def handle_errors(fn):
         except StreamMergeError as e:
             if debug:
                 raise
-            _fail(str(e))
-        except KeyboardInterrupt:
-            _fail("interrupted; re-run the same command to resume")
-        except MemoryError:
+            _fail(str(e), e)
+        except KeyboardInterrupt as e:
+            _fail("interrupted; re-run the same command to resume", e)
+        except MemoryError as e:
             if debug:
                 raise
-            _fail("out of memory; try a smaller --chunk-size or a machine with more RAM")
+            _fail("out of memory; try a smaller --chunk-size or a machine with more RAM", e)
         except OSError as e:
             if debug:
                 raise
-            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "), e)
 
     return click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")(wrapper)
 
@@ -83,6 +91,12 @@ def main() -> None:
     show_default=True,
     help="Make the output durable (fsync) every this many bytes; 0: after every tensor; 'end': only at the end.",
 )
+@click.option(
+    "--gpu-memory",
+    default=None,
+    help="With --device cuda: GPU bytes a tensor's working set may take (e.g. 8GB; default: what the device "
+    "reports); a tensor that does not fit runs on the CPU.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @handle_errors
 def merge(
@@ -96,15 +110,21 @@ def merge(
     overwrite: bool,
     allow_nonfinite: bool,
     sync_every: str,
+    gpu_memory: str | None,
     quiet: bool,
 ) -> None:
     """Merge as CONFIG (a mergekit YAML) says into the Hugging Face folder OUT_DIR.
 
-    Re-running the same command after an interruption resumes where it stopped."""
+    Re-running the same command after an interruption resumes where it stopped. Started by torchrun
+    (WORLD_SIZE > 1), every rank takes a share of the tensors (README: Distributed merges)."""
+    from . import distributed
     from .api import plan as make_plan
+    from .device_budget import resolve_gpu_memory
     from .engine import MergeOptions, resolve_device, run_merge
     from .planner import DEFAULT_CHUNK_ELEMENTS, describe_plan, fmt_bytes, parse_size
 
+    group = distributed.join(device)  # None unless started by torchrun with WORLD_SIZE > 1
+    lead = group is None or group.rank == 0  # the process that talks to the user
     chunk = chunk_elements or DEFAULT_CHUNK_ELEMENTS
     if chunk <= 0 or chunk % (1 << 20):
         raise StreamMergeError(f"--chunk-size {chunk}: must be a positive multiple of 1048576")
@@ -113,17 +133,23 @@ def merge(
     the_plan = make_plan(config, out_dir, out_shard_size=out_shard_size, chunk_elements=chunk)
     try:
         if dry_run:
-            for line in describe_plan(the_plan):
+            for line in describe_plan(the_plan) if lead else []:
                 click.echo(line)
+            distributed.leave()
             return
         _tune_allocator()
-        options = MergeOptions(resolve_device(device), overwrite, restart, allow_nonfinite, sync_bytes)
-        if quiet:
+        compute_device = group.device if group is not None else resolve_device(device)
+        budget = resolve_gpu_memory(compute_device, gpu_memory)
+        options = MergeOptions(compute_device, overwrite, restart, allow_nonfinite, sync_bytes, budget)
+        if quiet or not lead:
             result = run_merge(the_plan, options)
         else:
             result = _run_with_progress(the_plan, options)
     finally:
         the_plan.close()
+    distributed.leave()
+    if not lead:
+        return
     for line in result.report:
         click.echo(line)
     if result.already_complete:
@@ -134,9 +160,10 @@ def merge(
     elif not quiet:
         speed = fmt_bytes(int(result.bytes_written / max(result.seconds, 1e-9)))
         resumed = f" ({result.resumed_tensors} resumed from an earlier run)" if result.resumed_tensors else ""
+        ranks = f" on {group.world_size} ranks" if group is not None else ""
         click.echo(
             f"wrote {result.tensors} tensors{resumed}, {fmt_bytes(result.bytes_written)} to {result.out_dir} "
-            f"in {result.seconds:.1f} s ({speed}/s)"
+            f"in {result.seconds:.1f} s ({speed}/s){ranks}"
         )
 
 

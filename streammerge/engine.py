@@ -27,6 +27,7 @@ import torch
 
 from .adapter_output import run_adapter_merge, wants_adapter_output
 from .config import layer_position, resolve_parameters
+from .device_budget import gpu_memory_report, tensor_options
 from .errors import CheckpointError, StreamMergeError
 from .io.hf_files import write_model_card, write_model_files
 from .io.journal import Journal
@@ -77,6 +78,7 @@ class MergeOptions:
     restart: bool = False  # discard an earlier, unfinished or different merge in OUT_DIR
     allow_nonfinite: bool = False  # merge inputs holding NaN/Inf instead of refusing them
     sync_bytes: int | None = DEFAULT_SYNC_BYTES  # durable point every this many output bytes; 0: every tensor
+    gpu_memory: int | None = None  # CUDA: a tensor whose working set exceeds this many bytes runs on the CPU
 
 
 @dataclass(frozen=True)
@@ -295,6 +297,11 @@ def _prefetch(plan: MergePlan, tensor: PlannedTensor) -> None:
 def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: ProgressFn | None = None) -> MergeResult:
     """Run ``plan`` into ``plan.out_dir``, resuming an interrupted run of the same plan."""
     options = options or MergeOptions()
+    from . import distributed
+
+    group = distributed.current()
+    if group is not None:  # one rank of a torchrun launch: see distributed.py
+        return distributed.run_merge(plan, options, progress, group)
     if wants_adapter_output(plan):
         return run_adapter_merge(plan, options)
     t0 = time.perf_counter()
@@ -317,7 +324,7 @@ def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: Pr
             write_model_card(plan.out_dir, plan.config.source, plan.config.method.name, inputs)
             writer.finalize()
         claim.journal.complete()
-    report = plan.notes + (run.report() if run is not None else [])
+    report = plan.notes + (run.report() if run is not None else []) + gpu_memory_report(plan, options)
     for line in report:
         log.info("%s", line)
     return MergeResult(
@@ -331,10 +338,13 @@ def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: Pr
     )
 
 
-def _start_run(plan: MergePlan, options: MergeOptions, done: dict, progress: ProgressFn | None):
+def _start_run(plan: MergePlan, options: MergeOptions, done: dict, progress: ProgressFn | None,
+               mine: set[str] | None = None, reduce: Callable | None = None):
     """The method's whole-model state, calibrated over every merged tensor first if it asks for it.
 
-    A resumed merge calibrates again (the pass is deterministic, so the thresholds are the same)."""
+    A resumed merge calibrates again (the pass is deterministic, so the thresholds are the same).
+    Distributed (``distributed.py``): this rank observes only the tensors named in ``mine``, and
+    ``reduce(run)`` combines every rank's observations before ``run.calibrate()``."""
     method = plan.config.method
     merged = [t for t in plan.tensors if t.merged]
     if method.start_run is None or not merged or all(t.out.name in done for t in plan.tensors):
@@ -346,30 +356,35 @@ def _start_run(plan: MergePlan, options: MergeOptions, done: dict, progress: Pro
     if run.needs_calibration(model_params):
         if progress is not None:
             progress(ProgressEvent("calibrate_start", nbytes=sum(t.out.nbytes for t in merged), tensors=len(merged)))
-        for i, tensor in enumerate(merged):
-            if i + 1 < len(merged):
-                _prefetch(plan, merged[i + 1])
-            for inputs in tensor_chunks(plan, tensor, options, run)():
+        observed = merged if mine is None else [t for t in merged if t.out.name in mine]
+        for i, tensor in enumerate(observed):
+            if i + 1 < len(observed):
+                _prefetch(plan, observed[i + 1])
+            for inputs in tensor_chunks(plan, tensor, tensor_options(plan, tensor, options), run)():
                 run.observe(inputs)
                 del inputs
             if progress is not None:
                 progress(ProgressEvent("calibrate", tensor.out.name, tensor.out.nbytes))
+        if reduce is not None:
+            reduce(run)
         run.calibrate()
     return run
 
 
 def _merge_all(
-    plan: MergePlan, options: MergeOptions, writer: ShardWriter, journal: Journal, progress: ProgressFn | None, run=None
+    plan: MergePlan, options: MergeOptions, writer: ShardWriter, journal: Journal, progress: ProgressFn | None,
+    run=None, mine: set[str] | None = None,
 ) -> int:
-    """The loop: every tensor not yet done is computed, written and journaled. Returns how many."""
-    todo = [t for t in plan.tensors if t.out.name not in writer.done]
+    """The loop: every tensor not yet done (and, distributed, named in ``mine``) is computed, written and
+    journaled. Returns how many."""
+    todo = [t for t in plan.tensors if t.out.name not in writer.done and (mine is None or t.out.name in mine)]
     since_sync = 0
     behind = WriteBehind(writer, journal)
     try:
         for i, tensor in enumerate(todo):
             if i + 1 < len(todo):
                 _prefetch(plan, todo[i + 1])
-            merge_tensor(plan, tensor, behind, options, run)
+            merge_tensor(plan, tensor, behind, tensor_options(plan, tensor, options), run)
             behind.finish(tensor.out.name)
             release_free_memory()
             since_sync += tensor.out.nbytes

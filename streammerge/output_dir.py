@@ -13,6 +13,7 @@ can still allocate.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,9 +35,10 @@ from .io.journal import (
     fingerprint,
     journal_path,
     plan_summary,
+    rank_journal_paths,
     read_journal,
 )
-from .io.writer import INDEX_NAME, ShardPlan, bytes_to_allocate, check_records
+from .io.writer import INDEX_NAME, ShardPlan, bytes_to_allocate, check_records, existing_shard_path
 from .planner import fmt_bytes
 
 if TYPE_CHECKING:
@@ -59,7 +61,7 @@ class Claim:
 
 def plan_options(plan: MergePlan, options: MergeOptions) -> dict:
     """Options that change the output bytes; a resume needs them unchanged."""
-    return {
+    found = {
         "out_shard_size": plan.max_shard_bytes,
         "chunk_elements": plan.chunk_elements,
         "device": options.device.type,
@@ -67,6 +69,9 @@ def plan_options(plan: MergePlan, options: MergeOptions) -> dict:
         "streammerge": __version__,
         "torch": torch.__version__,
     }
+    if options.device.type == "cuda":  # which tensors run on the CPU instead
+        found["gpu_memory"] = options.gpu_memory
+    return found
 
 
 def _out_files(out_dir: Path) -> list[Path]:
@@ -79,6 +84,52 @@ def _discard(out_dir: Path) -> None:
         if p.is_file() and (p.name.endswith((".safetensors", ".partial")) or p.name == INDEX_NAME):
             p.unlink()
     journal_path(out_dir).unlink(missing_ok=True)
+    remove_rank_journals(out_dir)
+
+
+def remove_rank_journals(out_dir: Path) -> None:
+    """Delete the per-rank journals of a distributed merge (once their records are in the main one)."""
+    for p in rank_journal_paths(out_dir):
+        p.unlink(missing_ok=True)
+
+
+def _rank_records(out_dir: Path, fp: str) -> tuple[dict[str, TensorRecord], set[str]]:
+    """Records (and the durable ones) of the per-rank journals of a distributed merge of this plan."""
+    records: dict[str, TensorRecord] = {}
+    durable: set[str] = set()
+    for path in rank_journal_paths(out_dir):
+        state = read_journal(out_dir, path)
+        if state is not None and state.fingerprint == fp:
+            records.update(state.records)
+            durable |= state.durable
+    return records, durable
+
+
+def _sync_shards(out_dir: Path, shards: list[ShardPlan]) -> None:
+    """fsync every shard file there is (whichever process wrote it)."""
+    for shard in shards:
+        path = existing_shard_path(out_dir, shard)
+        if path is None:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot sync shard ({e.strerror})") from e
+
+
+def absorb_rank_journals(out_dir: Path, journal: Journal, summary: dict, done: dict[str, TensorRecord]) -> int:
+    """End of a distributed merge, on rank 0: the other ranks' records (this run's, their bytes synced by
+    them) into ``done`` and the main journal. Returns how many."""
+    records, _ = _rank_records(out_dir, fingerprint(summary))
+    new = [rec for name, rec in records.items() if name not in done]
+    for rec in new:
+        journal.record(rec)
+        done[rec.name] = rec
+    return len(new)
 
 
 def _check_complete(plan: MergePlan) -> None:
@@ -105,10 +156,23 @@ def _resume(plan: MergePlan, state: JournalState, claim: Claim) -> None:
     if state.complete:
         _check_complete(plan)
         claim.already_complete = True
+        remove_rank_journals(plan.out_dir)
         return
-    claim.done = check_records(plan.out_dir, plan.shards, state.records, state.durable)
-    claim.dropped = len(state.records) - len(claim.done)
+    # a distributed run's other ranks kept their own journals: their records count too, and move to the
+    # main journal (data synced first, so that they may be marked durable there)
+    extra, extra_durable = _rank_records(plan.out_dir, state.fingerprint)
+    records = {**extra, **state.records}
+    durable = state.durable | (extra_durable - set(state.records))
+    claim.done = check_records(plan.out_dir, plan.shards, records, durable)
+    claim.dropped = len(records) - len(claim.done)
     claim.journal = Journal.reopen(plan.out_dir, state)
+    absorbed = [claim.done[name] for name in extra if name in claim.done and name not in state.records]
+    if absorbed:
+        _sync_shards(plan.out_dir, plan.shards)
+        for rec in absorbed:
+            claim.journal.record(rec)
+        claim.journal.durable_point()
+    remove_rank_journals(plan.out_dir)
     if claim.dropped:
         log.warning("%d journal records did not match the files in %s; those tensors are recomputed",
                     claim.dropped, plan.out_dir)
@@ -159,6 +223,7 @@ def claim_output_dir(plan: MergePlan, options: MergeOptions) -> Iterator[Claim]:
             _resume(plan, state, claim)
         else:
             claim.journal = Journal.create(out_dir, summary)
+            remove_rank_journals(out_dir)
         if not claim.already_complete:
             _check_free_space(out_dir, plan.shards)
         if claim.stale_lock:

@@ -93,6 +93,16 @@ class MergePlan:
             return 12 * 4 * min(largest, self.chunk_elements)
         return 6 * 4 * largest
 
+    def tensor_working_set(self, tensor: PlannedTensor) -> int:
+        """Estimated peak bytes the engine holds on the compute device for one tensor (``--gpu-memory``):
+        ten chunk buffers and two queued for elementwise methods; for others six copies of the tensor and,
+        for a matrix, six d_in × d_in ones (decompositions such as ORD's)."""
+        numel = tensor.out.numel
+        if self.config.method.elementwise:
+            return 12 * 4 * min(numel, self.chunk_elements)
+        square = tensor.out.shape[-1] ** 2 if len(tensor.out.shape) == 2 else 0
+        return 4 * (6 * numel + 6 * square)
+
     def checkpoints(self) -> list[Checkpoint]:
         """Every opened input, once."""
         return list({id(c): c for c in [self.reference, self.base, *self.experts] if c is not None}.values())

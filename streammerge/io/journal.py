@@ -17,6 +17,11 @@ Record kinds, by the object's ``"kind"`` key:
     {"kind": "sync"}                                                 -- everything above is on disk
     {"kind": "complete"}                                             -- shards renamed, index written
 
+A distributed merge (``streammerge.distributed``) keeps one journal per rank: rank 0 the main one, rank
+R > 0 ``OUT_DIR/.streammerge/journal.rankR`` (same format and ``begin`` record). Whoever claims the folder
+next (any number of ranks, or one process) appends the records of rank journals with the same
+fingerprint to the main journal and deletes them; so does rank 0 when it finishes the merge.
+
 ``fingerprint`` is the SHA-256 of the canonical JSON of ``plan`` minus nothing: the config text's
 hash, the options that change output bytes, and each input file's identity (size, mtime and a hash
 of its header: the safetensors JSON header, or the first MiB of other files). A re-run whose
@@ -159,9 +164,19 @@ def journal_path(out_dir: Path) -> Path:
     return out_dir / STATE_DIR / JOURNAL_NAME
 
 
-def read_journal(out_dir: Path) -> JournalState | None:
-    """Parse ``OUT_DIR/.streammerge/journal``; None if there is none or its first line is unusable."""
-    path = journal_path(out_dir)
+def rank_journal_path(out_dir: Path, rank: int) -> Path:
+    """The journal of rank ``rank`` > 0 of a distributed merge (same format; rank 0 uses the main one)."""
+    return out_dir / STATE_DIR / f"{JOURNAL_NAME}.rank{rank}"
+
+
+def rank_journal_paths(out_dir: Path) -> list[Path]:
+    return sorted((out_dir / STATE_DIR).glob(f"{JOURNAL_NAME}.rank*"))
+
+
+def read_journal(out_dir: Path, path: Path | None = None) -> JournalState | None:
+    """Parse ``OUT_DIR/.streammerge/journal`` (or the journal at ``path``); None if there is none or its
+    first line is unusable."""
+    path = path or journal_path(out_dir)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -217,8 +232,8 @@ class Journal:
         self._fd = fd
 
     @classmethod
-    def create(cls, out_dir: Path, summary: dict) -> Journal:
-        path = journal_path(out_dir)
+    def create(cls, out_dir: Path, summary: dict, path: Path | None = None) -> Journal:
+        path = path or journal_path(out_dir)
         path.parent.mkdir(exist_ok=True)
         fd = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         journal = cls(path, fd)

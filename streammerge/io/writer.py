@@ -177,10 +177,14 @@ class ShardWriter:
 
     ``done`` are journal records of tensors an interrupted run finished (already checked with
     ``check_records``): their shards are reopened without truncation and they are not written.
+    ``create=False`` (the other ranks of a distributed merge, writing beside each other): every shard
+    file already exists, made by rank 0's ``open_all``; it is opened as it is, never created or truncated.
     """
 
-    def __init__(self, out_dir: Path, shards: list[ShardPlan], done: dict[str, TensorRecord] | None = None):
+    def __init__(self, out_dir: Path, shards: list[ShardPlan], done: dict[str, TensorRecord] | None = None,
+                 create: bool = True):
         self.out_dir = out_dir
+        self.create = create
         self.shards = shards
         self.done = dict(done or {})
         self._open: dict[str, _OpenShard] = {}
@@ -198,6 +202,13 @@ class ShardWriter:
         final = self.out_dir / plan.file_name
         resume = any(t.name in self.done for t in plan.tensors)
         try:
+            if not self.create:
+                if not _shard_file_matches(path, plan):
+                    raise OutputError(f"{path}: missing or not the planned shard file; another process changed "
+                                      f"the output folder during the merge")
+                fd = os.open(path, os.O_RDWR)
+                shard = self._open[plan.file_name] = _OpenShard(plan, fd, path, slots)
+                return shard
             if resume and not path.exists() and final.exists():
                 os.replace(final, path)  # renamed by a finalize that was interrupted
             if resume and _shard_file_matches(path, plan):
@@ -210,6 +221,13 @@ class ShardWriter:
             raise OutputError(_os_error_message(path, e, "create shard", self.remaining)) from e
         shard = self._open[plan.file_name] = _OpenShard(plan, fd, path, slots)
         return shard
+
+    def open_all(self) -> None:
+        """Create (or reopen) every shard file now, header written and size set (before other processes
+        write into them: see ``create``)."""
+        for plan in self.shards:
+            if plan.tensors:
+                self._shard(plan.tensors[0].name)
 
     def write(self, name: str, data: torch.Tensor, start: int = 0) -> None:
         """Write ``data``: tensor ``name`` whole, or its flat elements from ``start`` on.

@@ -427,6 +427,18 @@ class OrthoRun:
     def calibrate(self) -> None:
         pass
 
+    def absorb(self, other: OrthoRun) -> None:
+        """Add another process's counts (a distributed merge's report)."""
+        self.path = self.path or other.path
+        self.oft_rotated += other.oft_rotated
+        self.oft_cancelled += other.oft_cancelled
+        d, o = self.decouple, other.decouple
+        d.matrices += o.matrices
+        d.residual_only += o.residual_only
+        d.clamped += o.clamped
+        d.cancelled += o.cancelled
+        d.min_sigma = min(d.min_sigma, o.min_sigma)
+
     def report(self) -> list[str]:
         lines = [self.path] if self.path else []
         d = self.decouple

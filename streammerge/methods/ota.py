@@ -238,6 +238,35 @@ class OtaRun:
         for i, counts in pending:  # committed only once every expert had v for this chunk
             self.histograms[i].counts += counts.to(self.histograms[i].counts.device)
 
+    def reduce_calibration(self, all_reduce_sum_, all_gather) -> None:
+        """Distributed merge: several processes each observed part of the model. Sum their histograms (exact
+        integer counts: the thresholds equal one process's) and agree on each expert's density."""
+        for h in self.histograms:
+            all_reduce_sum_(h.counts)
+        seen = all_gather(list(zip(self._resolved, self.densities, strict=True)))
+        for i in range(len(self.densities)):
+            values = {d for per_rank in seen for resolved, d in [per_rank[i]] if resolved}
+            if len(values) > 1:
+                raise ConfigError(
+                    f"ota: expert #{i}: density is a whole-model fraction and must be one value for every tensor "
+                    f"(found {', '.join(map(str, sorted(values)))}); use threshold for per-tensor values"
+                )
+            if values:
+                self.densities[i], self._resolved[i] = values.pop(), True
+
+    def absorb(self, other: OtaRun) -> None:
+        """Add another process's merge-pass counts (a distributed merge's report)."""
+        for i in range(len(self.kept)):
+            self.kept[i] += other.kept[i]
+            self.seen[i] += other.seen[i]
+        self.all_masked += other.all_masked
+        for name, lacking in other.missing.items():
+            self.missing.setdefault(name, lacking)
+
+    def __getstate__(self) -> dict:
+        """Sent between processes for ``absorb``: the counts, not the histograms (device tensors)."""
+        return {**self.__dict__, "histograms": []}
+
     def calibrate(self) -> list[float | None]:
         """Fix each density expert's threshold from its histogram. Returns the thresholds (None: no mask)."""
         pairs = zip(self.histograms, self.densities, strict=True)
