@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LAYER_RE, MergeConfig, same_path
+from .config import LAYER_RE, MergeConfig, layer_position, resolve_parameters, same_path
 from .errors import PlanError
 from .experts import AdapterExpert, is_adapter
 from .io.hf_files import COPIED_FILES
@@ -226,6 +226,7 @@ def make_plan(
         if not tensors:
             raise PlanError(f"{reference.path}: has no tensors to merge")
         sidecars = open_second_moments(config, [t.out for t in tensors if t.merged])
+        _check_parameters_of_every_tensor(config, tensors)
     except BaseException:
         for ckpt in opened.values():
             ckpt.close()
@@ -244,6 +245,16 @@ def make_plan(
         max_shard_bytes=max_shard_bytes,
         second_moments=sidecars,
     )
+
+
+def _check_parameters_of_every_tensor(config: MergeConfig, tensors: list[PlannedTensor]) -> None:
+    """Resolve every merged tensor's parameters now: a filter or gradient may give a bad value (a density
+    out of range, say) for some tensors only, and that must be refused before anything is written."""
+    layers = [int(m.group(1)) for t in tensors if (m := LAYER_RE.search(t.out.name))]
+    num_layers = max(layers) + 1 if layers else 0
+    for t in tensors:
+        if t.merged:
+            resolve_parameters(config, t.out.name, layer_position(t.out.name, num_layers))
 
 
 def describe_plan(plan: MergePlan) -> list[str]:
