@@ -270,6 +270,7 @@ def make_plan(
         if not tensors:
             raise PlanError(f"{reference.path}: has no tensors to merge")
         sidecars = open_second_moments(config, [t.out for t in tensors if t.merged])
+        _check_parameters_of_every_tensor(config, tensors)
         notes = [
             f"model {path} lacks {len(names)} integer/bool buffer(s), taken from {reference.path}: {', '.join(names)}"
             for path, names in from_base.items()
@@ -279,17 +280,6 @@ def make_plan(
             ckpt.close()
         raise
     layers = [int(m.group(1)) for t in tensors if (m := LAYER_RE.search(t.out.name))]
-    try:  # every tensor's parameters (gradients, filters) in their domain before anything is written
-        for t in tensors:
-            if t.merged:
-                try:
-                    resolve_parameters(config, t.out.name, layer_position(t.out.name, max(layers) + 1 if layers else 0))
-                except ConfigError as e:
-                    raise ConfigError(f"{e} (tensor {t.out.name})") from e
-    except BaseException:
-        for ckpt in opened.values():
-            ckpt.close()
-        raise
     return MergePlan(
         config=config,
         out_dir=out_dir,
@@ -304,6 +294,19 @@ def make_plan(
         second_moments=sidecars,
         notes=notes,
     )
+
+
+def _check_parameters_of_every_tensor(config: MergeConfig, tensors: list[PlannedTensor]) -> None:
+    """Resolve every merged tensor's parameters now: a filter or gradient may give a bad value (a density
+    out of range, say) for some tensors only, and that must be refused before anything is written."""
+    layers = [int(m.group(1)) for t in tensors if (m := LAYER_RE.search(t.out.name))]
+    num_layers = max(layers) + 1 if layers else 0
+    for t in tensors:
+        if t.merged:
+            try:
+                resolve_parameters(config, t.out.name, layer_position(t.out.name, num_layers))
+            except ConfigError as e:
+                raise ConfigError(f"{e} (tensor {t.out.name})") from e
 
 
 def describe_plan(plan: MergePlan) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import dare, linear, orthomerge, ota, task_arithmetic, ties
+from . import breadcrumbs, dare, della, linear, orthomerge, ota, ram, sce, task_arithmetic, ties
 from .base import ChunkInputs, ExpertInput, MergeMethod
 
 METHODS: dict[str, MergeMethod] = {
@@ -15,6 +15,13 @@ METHODS: dict[str, MergeMethod] = {
         dare.TIES,
         ota.METHOD,
         orthomerge.METHOD,
+        breadcrumbs.LINEAR,
+        breadcrumbs.TIES,
+        della.TIES,
+        della.LINEAR,
+        ram.RAM,
+        ram.RAMPLUS_TL,
+        sce.METHOD,
     )
 }
 

@@ -56,16 +56,22 @@ def block_seed(seed: int, tensor: str, expert: int, block: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def keep_mask(seed: int, tensor: str, expert: int, start: int, numel: int, density: float) -> torch.Tensor:
-    """Bernoulli(density) keep-mask for flat elements [start, start + numel); ``start`` % RNG_BLOCK == 0."""
+def uniforms(seed: int, tensor: str, expert: int, start: int, numel: int) -> torch.Tensor:
+    """U[0, 1) fp32 draws for flat elements [start, start + numel) of expert ``expert``'s tensor (CPU);
+    ``start`` % RNG_BLOCK == 0. The draw of an element depends only on (seed, tensor, expert, element)."""
     if start % RNG_BLOCK:
         raise ValueError(f"chunk start {start} is not a multiple of RNG_BLOCK")
     parts = []
     gen = torch.Generator()
     for offset in range(0, numel, RNG_BLOCK):
         gen.manual_seed(block_seed(seed, tensor, expert, (start + offset) // RNG_BLOCK))
-        parts.append(torch.rand(min(RNG_BLOCK, numel - offset), generator=gen) < density)
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+        parts.append(torch.rand(min(RNG_BLOCK, numel - offset), generator=gen))
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def keep_mask(seed: int, tensor: str, expert: int, start: int, numel: int, density: float) -> torch.Tensor:
+    """Bernoulli(density) keep-mask for flat elements [start, start + numel); ``start`` % RNG_BLOCK == 0."""
+    return uniforms(seed, tensor, expert, start, numel) < density
 
 
 def _mask(inputs: ChunkInputs, i: int, delta: torch.Tensor) -> torch.Tensor:
