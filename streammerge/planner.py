@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LAYER_RE, MergeConfig, same_path
+from .config import LAYER_RE, MergeConfig, layer_position, resolve_parameters, same_path
 from .errors import PlanError
 from .experts import AdapterExpert, is_adapter
 from .io.hf_files import COPIED_FILES
@@ -174,6 +174,14 @@ def _check_unused_base(config: MergeConfig, experts: list) -> None:
     )
 
 
+def _check_every_tensor_parameters(config: MergeConfig, tensors: list[PlannedTensor], num_layers: int) -> None:
+    """Resolve the parameters of every merged tensor now, so that a value valid for one tensor but not
+    another (a gradient ``t: [0, 1.5]``, a filter) fails before anything is written."""
+    for t in tensors:
+        if t.merged:
+            resolve_parameters(config, t.out.name, layer_position(t.out.name, num_layers))
+
+
 def make_plan(
     config: MergeConfig,
     out_dir: Path,
@@ -225,12 +233,13 @@ def make_plan(
             tensors.append(PlannedTensor(OutputTensor(name, dtype, meta.shape), merged))
         if not tensors:
             raise PlanError(f"{reference.path}: has no tensors to merge")
+        layers = [int(m.group(1)) for t in tensors if (m := LAYER_RE.search(t.out.name))]
+        _check_every_tensor_parameters(config, tensors, max(layers) + 1 if layers else 0)
         sidecars = open_second_moments(config, [t.out for t in tensors if t.merged])
     except BaseException:
         for ckpt in opened.values():
             ckpt.close()
         raise
-    layers = [int(m.group(1)) for t in tensors if (m := LAYER_RE.search(t.out.name))]
     return MergePlan(
         config=config,
         out_dir=out_dir,

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from . import dare, linear, orthomerge, ota, task_arithmetic, ties
+from . import (
+    arcee_fusion,
+    dare,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    orthomerge,
+    ota,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 from .base import ChunkInputs, ExpertInput, MergeMethod
 
 METHODS: dict[str, MergeMethod] = {
@@ -15,6 +29,13 @@ METHODS: dict[str, MergeMethod] = {
         dare.TIES,
         ota.METHOD,
         orthomerge.METHOD,
+        slerp.METHOD,
+        nuslerp.METHOD,
+        multislerp.METHOD,
+        karcher.METHOD,
+        model_stock.METHOD,
+        nearswap.METHOD,
+        arcee_fusion.METHOD,
     )
 }
 
