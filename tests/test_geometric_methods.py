@@ -131,11 +131,22 @@ def _cases():
 CASES = _cases()
 
 
+# Vectors of 3 elements (dim 0 of a (3, 5, 7) tensor) at small angles: sin Ω divides, so fp32 rounding of
+# the dot products is amplified past 1e-6 in both tools. There the test asks that streammerge be at least
+# as close as mergekit to mergekit's own code run in fp64.
+ILL_CONDITIONED = {"nuslerp_3d_flattenFalse_rowwiseTrue"}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_tensor_as_mergekit_fp32(case):
     name, base, experts, params, model_params, mk_params = CASES[case]
     expected = theirs(name, base, experts, mk_params)
-    close(ours(name, base, experts, params, model_params), expected)
+    got = ours(name, base, experts, params, model_params)
+    if case in ILL_CONDITIONED:
+        exact = theirs(name, base.double(), [e.double() for e in experts], mk_params)
+        assert (got.double() - exact).abs().max() <= (expected.double() - exact).abs().max()
+        return
+    close(got, expected)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if METHODS[CASES[c][0]].elementwise])
@@ -246,6 +257,8 @@ def test_same_model_as_mergekit(tmp_path, case):
     assert set(got) == set(expected)
     for name, t in expected.items():
         torch.testing.assert_close(got[name], t, rtol=1e-6, atol=1e-6, msg=name)
+        if cfg["merge_method"] in ("slerp", "nearswap", "arcee_fusion"):  # same fp32 expressions, same sums
+            assert torch.equal(got[name], t), name
 
 
 def test_bf16_model_slerp_one_ulp_from_mergekit(tmp_path):

@@ -1,8 +1,9 @@
 """Pairwise dot products of n per-expert vectors over a tensor, gathered in one pass of chunks.
 
-G[i, j] = ⟨xᵢ, xⱼ⟩ per group (``group_sums``), fp64 with the same bits for any chunking. Memory stays
-flat in n: per chunk, expert j is loaded once and each earlier expert i < j is loaded again beside it
-(n(n+1)/2 loads per chunk instead of n, two expert chunks in memory at a time).
+G[i, j] = ⟨xᵢ, xⱼ⟩ per group (``group_sums``: fp32 products and units, fp64 across units; the same bits
+for any chunking). Memory stays flat in n: per chunk, expert j is loaded once and each earlier expert
+i < j is loaded again beside it (n(n+1)/2 loads per chunk instead of n, two expert chunks in memory at
+a time).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def gram(chunks: Callable[[], Iterator[ChunkInputs]], vector: Callable[[ChunkInp
             kind = grouping(inputs)
             sums = {(i, j): GroupSums(inputs.shape, kind, inputs.device) for j in range(n) for i in range(j + 1)}
         for j in range(n):
-            xj = vector(inputs, j).double()
+            xj = vector(inputs, j)
             for i in range(j + 1):
-                xi = xj if i == j else vector(inputs, i).double()
+                xi = xj if i == j else vector(inputs, i)
                 sums[i, j].add(inputs.start, xi * xj)
                 del xi
             del xj

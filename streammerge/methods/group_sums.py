@@ -9,11 +9,12 @@ A tensor of ``numel`` elements is viewed as (R, W), row-major, and summed per *g
 
 The sum of a group is fixed by the tensor's shape alone: elements are first summed in *units* aligned
 to the tensor start (W ≤ UNIT: whole rows, or for ``"cols"`` blocks of ⌊UNIT/W⌋ whole rows; W > UNIT:
-UNIT-element pieces of a row, the last piece of a row shorter), each by pairwise halving
-(``tree_sum``: elementwise adds only, so the bits depend on the length alone, not on threads, device
-or batch shape); then a group adds its units' sums one after another in fp64. Chunks that end inside
-a unit leave it in a carry buffer (< UNIT elements) until the next chunk completes it. Memory: the
-accumulator (one fp64 per group) plus the carry.
+UNIT-element pieces of a row, the last piece of a row shorter), each by pairwise halving in the
+term's dtype (``tree_sum``: elementwise adds only, so the bits depend on the length alone, not on
+threads, device or batch shape; fp32 pairwise error ≈ log₂(UNIT)·2⁻²⁴ relative at worst, as good as
+mergekit's fp32 sums); then a group adds its units' sums one after another in fp64. Chunks that end
+inside a unit leave it in a carry buffer (< UNIT elements) until the next chunk completes it.
+Memory: the accumulator (one fp64 per group) plus the carry.
 """
 
 from __future__ import annotations
@@ -88,10 +89,10 @@ class GroupSums:
         self.pos = 0  # flat position of the next element expected (the carry starts at pos - len(carry))
 
     def add(self, start: int, values: torch.Tensor) -> None:
-        """Add the chunk [start, start + len(values)) of the term (any float dtype; widened to fp64)."""
+        """Add the chunk [start, start + len(values)) of the term (fp32 or fp64, the same for every chunk)."""
         if start != self.pos:
             raise RuntimeError(f"GroupSums fed out of order: chunk at {start}, expected {self.pos}")
-        data = values.reshape(-1).to(torch.float64)
+        data = values.reshape(-1)
         self.pos = start + data.numel()
         if self.carry is not None:
             data = torch.cat([self.carry, data])

@@ -11,7 +11,7 @@ listed; αᵢ = 1/n):
     θ = (Σ αᵢ‖θᵢ‖) · μ
 
 Every μ and τ is a combination Σ aᵢuᵢ of the unit models, so the iteration runs on the coefficients
-aᵢ and the Gram matrix Gᵢⱼ = ⟨θᵢ, θⱼ⟩ (``gram``: one pass of chunks, fp64): ⟨μ, uⱼ⟩ = (aᵀG)ⱼ/‖θⱼ‖,
+aᵢ and the Gram matrix Gᵢⱼ = ⟨θᵢ, θⱼ⟩ (``gram``: one pass of chunks): ⟨μ, uⱼ⟩ = (aᵀG)ⱼ/‖θⱼ‖,
 ‖μ‖² = aᵀGa. The merge is then one elementwise combination of the models. mergekit iterates on
 full fp32 tensors (rounding μ to fp32 each step); here the iteration is fp64, so results agree to
 fp32 rounding (≈ 1e-7 relative) unless a stopping test (``tol``) lands on the other side.

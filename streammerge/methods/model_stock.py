@@ -6,7 +6,7 @@ average by a ratio set by how aligned their task vectors are.
     θ = t · (Σ θᵢ / n) + (1 − t) · θ₀
 
 per tensor, or with ``filter_wise: true`` per row of the last dimension (a 1-D tensor is one row), as
-mergekit 0.1.5. ``prepare`` gathers the Gram matrix of the τᵢ in one pass of chunks (``gram``: fp64,
+mergekit 0.1.5. ``prepare`` gathers the Gram matrix of the τᵢ in one pass of chunks (``gram``:
 chunk-size independent, two experts in memory at a time); t uses mergekit's fp32 expressions; the
 merge is elementwise.
 """

@@ -15,7 +15,7 @@ of mergekit's τ (≈ 1e-7 relative). So here
     θ = θ₀ + (Σ wᵢ‖vᵢ‖ / ‖m‖) · Σ (wᵢ / (‖vᵢ‖ + eps)) vᵢ
 
 with three passes over chunks: ‖vᵢ‖ (per expert, one loaded at a time), ‖m‖ (m accumulated expert by
-expert), then the merge. Sums are fp64 (``GroupSums``). A single model is returned as it is. If
+expert), then the merge. Sums by ``GroupSums`` (fp32 units, fp64 across units). A single model is returned as it is. If
 ‖m‖ < eps (antipodal models that cancel) two models fall back to w₀v₀ + w₁v₁ as in mergekit, more
 are refused (mergekit raises too).
 """
@@ -86,14 +86,14 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> _State | None:
     sq = [GroupSums(shape, "all", device) for _ in range(n)]
     for inputs in chunks():
         for i in range(n):
-            v = _vector(inputs, i).double()
+            v = _vector(inputs, i)
             sq[i].add(inputs.start, v * v)
             del v
     norms = torch.tensor([float(s.result()[0]) for s in sq]).sqrt().float()  # ‖vᵢ‖, as mergekit's fp32 norm
     coef = (w / (norms + eps)).tolist()  # uᵢ = vᵢ/(‖vᵢ‖ + eps), weighted
     mean_sq = GroupSums(shape, "all", device)
     for inputs in chunks():
-        m = _combine(inputs, coef).double()
+        m = _combine(inputs, coef)
         mean_sq.add(inputs.start, m * m)
         del m
     mean_norm = float(mean_sq.result()[0]) ** 0.5

@@ -9,8 +9,9 @@
 The vectors are (mergekit's options): the whole tensor (``nuslerp_flatten: true``, the default); else
 rows of the last dimension (``nuslerp_row_wise: false``) or vectors along dimension 0
 (``nuslerp_row_wise: true``), one Ω per vector. ``prepare`` gathers ‖v₀‖², ‖v₁‖², ⟨v₀, v₁⟩ per vector
-in one pass (fp64, ``GroupSums``); Ω and the coefficients use mergekit's fp32 expressions; the merge is
-elementwise. Unlike ``slerp`` the weights may give any t (mergekit extrapolates for t outside [0, 1]).
+in one pass (``GroupSums``: fp32 units, fp64 across); Ω and the coefficients use mergekit's fp32
+expressions; the merge is elementwise. Unlike ``slerp`` the weights may give any t (mergekit
+extrapolates for t outside [0, 1]).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> _Coefficients:
     for inputs in chunks():
         if sums is None:
             sums = [GroupSums(inputs.shape, grouping(inputs.params, inputs.shape), inputs.device) for _ in range(3)]
-        v0, v1 = (v.double() for v in _vectors(inputs))
+        v0, v1 = _vectors(inputs)
         sums[0].add(inputs.start, v0 * v0)
         sums[1].add(inputs.start, v1 * v1)
         sums[2].add(inputs.start, v0 * v1)

@@ -6,7 +6,7 @@
 ``t`` (required, in [0, 1]; a gradient over layers or filters as usual) is the fraction of the way to
 θ₁. mergekit 0.1.5 interpolates each tensor as one flat vector (its leading "batch" axis packs
 different tensors, never rows of one). ``prepare`` gathers ‖θ₀‖², ‖θ₁‖² and ⟨θ₀, θ₁⟩ in one pass of
-chunks (fp64, ``GroupSums``: the same bits for any chunk size); the coefficients are then computed
+chunks (``GroupSums``: fp32 units added in fp64, the same bits for any chunk size); the coefficients are then computed
 with mergekit's own fp32 expressions, and the merge is elementwise. mergekit does not check ``t``;
 streammerge refuses a value outside [0, 1] instead of extrapolating.
 """
@@ -60,8 +60,8 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> tuple[torch.Tensor, 
     for inputs in chunks():
         if sums is None:
             sums = [GroupSums(inputs.shape, "all", inputs.device) for _ in range(3)]
-        a = inputs.base.double()
-        b = inputs.experts[0].load().double()
+        a = inputs.base
+        b = inputs.experts[0].load()
         sums[0].add(inputs.start, a * a)
         sums[1].add(inputs.start, b * b)
         sums[2].add(inputs.start, a * b)
