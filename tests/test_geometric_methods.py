@@ -177,6 +177,24 @@ def test_group_sums_equal_plain_sums_for_any_chunking(monkeypatch):
             torch.testing.assert_close(first, plain[grouping], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_torch_row_sums_do_not_depend_on_the_batch_of_rows(threads):
+    """GroupSums relies on this: a row of at most UNIT elements summed with ``view(m, L).sum(1)`` has the
+    same bits whatever m (how many units a chunk holds) and the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for length in (group_sums.UNIT, 1100, 7, 4097):
+            x = randn(300 * length, seed=length)
+            alone = torch.stack([x[i * length : (i + 1) * length].view(1, -1).sum(1)[0] for i in range(300)])
+            for m in (1, 2, 3, 17, 300):
+                for first in sorted({0, min(1, 300 - m), 300 - m}):
+                    rows = x[first * length : (first + m) * length].view(m, length).sum(1)
+                    assert torch.equal(rows, alone[first : first + m]), (length, m, first)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bf16_slerp_within_one_bf16_ulp_of_mergekit():
     """bf16 inputs: both compute in fp32 and round once; the fp64 dot here can move a coefficient by an
     fp32 ulp, which flips a bf16 rounding at a few elements: at most one bf16 ulp apart."""

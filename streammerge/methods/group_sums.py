@@ -9,12 +9,14 @@ A tensor of ``numel`` elements is viewed as (R, W), row-major, and summed per *g
 
 The sum of a group is fixed by the tensor's shape alone: elements are first summed in *units* aligned
 to the tensor start (W ≤ UNIT: whole rows, or for ``"cols"`` blocks of ⌊UNIT/W⌋ whole rows; W > UNIT:
-UNIT-element pieces of a row, the last piece of a row shorter), each by pairwise halving in the
-term's dtype (``tree_sum``: elementwise adds only, so the bits depend on the length alone, not on
-threads, device or batch shape; fp32 pairwise error ≈ log₂(UNIT)·2⁻²⁴ relative at worst, as good as
-mergekit's fp32 sums); then a group adds its units' sums one after another in fp64. Chunks that end
-inside a unit leave it in a carry buffer (< UNIT elements) until the next chunk completes it.
-Memory: the accumulator (one fp64 per group) plus the carry.
+UNIT-element pieces of a row, the last piece of a row shorter), in the term's dtype; then a group
+adds its units' sums one after another in fp64. A unit is summed by torch's own row reduction
+(``x.view(m, L).sum(1)``, L ≤ UNIT): below torch's parallel grain (32768 elements) one row is never
+split across threads, and rows are reduced independently, so a unit's bits do not depend on how many
+units a chunk holds nor on the thread count (``tests/test_geometric_methods.py`` checks this
+property of torch); column sums over a block of rows use ``tree_sum`` (elementwise adds only).
+Chunks that end inside a unit leave it in a carry buffer (< UNIT elements) until the next chunk
+completes it. Memory: the accumulator (one fp64 per group) plus the carry.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Literal
 
 import torch
 
-UNIT = 1 << 16  # elements per summation unit (a divisor of every chunk size the CLI accepts)
+UNIT = 1 << 14  # elements per summation unit: below torch's GRAIN_SIZE, a divisor of every CLI chunk size
 
 Grouping = Literal["all", "rows", "cols"]
 
@@ -126,7 +128,7 @@ class GroupSums:
         w, n = self.width, data.numel()
         if w <= UNIT and self.by_rows:
             r0 = p0 // w
-            self.acc[r0 : r0 + n // w] = tree_sum(data.view(n // w, w))
+            self.acc[r0 : r0 + n // w] = data.view(n // w, w).sum(1)
             return
         if w <= UNIT:  # column sums over blocks of k whole rows, blocks added in order
             block = self.k * w
@@ -147,9 +149,9 @@ class GroupSums:
                 self.acc[c0 : c0 + seg.numel()] += seg
             else:
                 full = seg.numel() // UNIT
-                parts = tree_sum(seg[: full * UNIT].view(full, UNIT)).tolist() if full else []
+                parts = seg[: full * UNIT].view(full, UNIT).sum(1).tolist() if full else []
                 if seg.numel() > full * UNIT:  # the row's last, short unit
-                    parts.append(float(tree_sum(seg[full * UNIT :])))
+                    parts.append(float(seg[full * UNIT :].view(1, -1).sum(1)))
                 total = float(self.acc[r])
                 for s in parts:
                     total += s
