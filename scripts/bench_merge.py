@@ -106,6 +106,10 @@ def build_set(data_dir: Path, args, n_experts: int) -> list[Path]:
     return folders
 
 
+PAIR_METHODS = {"slerp": "t: 0.5", "nearswap": "t: 0.001", "arcee_fusion": ""}  # method: its parameters
+UNWEIGHTED = {"model_stock", "karcher"}  # no per-model weight; karcher uses no base_model
+
+
 def config_yaml(
     method: str,
     base: Path,
@@ -119,6 +123,16 @@ def config_yaml(
         models = "".join(f"  - model: {e}\n" for e in experts)
         return (f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}parameters: {{lambda: 0.5}}\n"
                 f"dtype: float32\nout_dtype: bfloat16\n{extra}")
+    if method in PAIR_METHODS:  # the base and one other model
+        params = f"parameters: {{{PAIR_METHODS[method]}}}\n" if PAIR_METHODS[method] else ""
+        return (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {experts[0]}\n"
+                f"{params}dtype: float32\nout_dtype: bfloat16\n")
+    if method == "nuslerp":
+        experts = experts[:2]
+    if method in UNWEIGHTED:
+        models = "".join(f"  - model: {e}\n" for e in experts)
+        head = f"merge_method: {method}\n" + ("" if method == "karcher" else f"base_model: {base}\n")
+        return f"{head}models:\n{models}dtype: float32\nout_dtype: bfloat16\n"
     if method == "ota":
         density = f"\n    parameters: {{density: {ffg_density}}}" if ffg_density else ""
         models = "".join(
@@ -408,6 +422,8 @@ def main() -> None:
         print("\n| experts | method | wall s | CPU s | peak RSS | RSS vs first |")
         print("| ---: | --- | ---: | ---: | ---: | ---: |", flush=True)
         for method in args.methods.split(","):
+            if method in PAIR_METHODS or method == "nuslerp":
+                continue  # a fixed number of models
             first = None
             for n in scaling:
                 cfg_path = work / f"{method}-{n}.yaml"

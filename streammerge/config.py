@@ -142,8 +142,22 @@ def parse_config(text: str, root: Path | None = None, where: str = "config") -> 
         seed=_seed(raw.get("seed", 0), where),
         source=text,
     )
+    _check_expert_count(cfg, where)
     _check_parameter_names(cfg, where)
     return cfg
+
+
+def _check_expert_count(cfg: MergeConfig, where: str) -> None:
+    low, high = cfg.method.expert_count
+    n = len(cfg.experts)
+    if low <= n and (high is None or n <= high):
+        return
+    want = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
+    besides = " besides base_model" if cfg.method.base_model != "unused" and cfg.base_model is not None else ""
+    raise ConfigError(
+        f"{where}: models: merge_method {cfg.method.name} merges {want} model(s){besides}, got {n}; "
+        f"list {want} under models:"
+    )
 
 
 def _yaml_mark(e: yaml.YAMLError) -> str:

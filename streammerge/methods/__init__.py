@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
-from . import breadcrumbs, dare, della, linear, orthomerge, ota, ram, sce, task_arithmetic, ties
+from . import (
+    arcee_fusion,
+    breadcrumbs,
+    dare,
+    della,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    orthomerge,
+    ota,
+    ram,
+    sce,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 from .base import ChunkInputs, ExpertInput, MergeMethod
 
 METHODS: dict[str, MergeMethod] = {
@@ -22,6 +40,13 @@ METHODS: dict[str, MergeMethod] = {
         ram.RAM,
         ram.RAMPLUS_TL,
         sce.METHOD,
+        slerp.METHOD,
+        nuslerp.METHOD,
+        multislerp.METHOD,
+        karcher.METHOD,
+        model_stock.METHOD,
+        nearswap.METHOD,
+        arcee_fusion.METHOD,
     )
 }
 
