@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from .io.writer import OutputTensor, ShardPlan, plan_shards
 from .second_moments import describe as describe_second_moments
 from .second_moments import open_second_moments
 from .sidecar import SecondMoments
+
+if TYPE_CHECKING:
+    from .slices import TensorSources
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 per buffer; a multiple of dare.RNG_BLOCK
@@ -51,7 +55,8 @@ def parse_size(text: str | int) -> int:
 @dataclass(frozen=True)
 class PlannedTensor:
     out: OutputTensor
-    merged: bool  # False: a non-float tensor copied from the reference model
+    merged: bool  # False: a non-float tensor copied from the reference model (or its first source)
+    sources: TensorSources | None = None  # slices: configs: this tensor's own inputs and parameters
 
 
 @dataclass
@@ -67,6 +72,7 @@ class MergePlan:
     chunk_elements: int
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     second_moments: list[SecondMoments | None] = field(default_factory=list)  # per expert (OTA sidecars)
+    config_updates: dict = field(default_factory=dict)  # config.json keys set in the output (slices: layer count)
 
     @property
     def output_bytes(self) -> int:
@@ -180,6 +186,10 @@ def make_plan(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> MergePlan:
+    if config.layout is not None:  # slices: / modules:, planned tensor by tensor from their sources
+        from .slices import plan_layout
+
+        return plan_layout(config, out_dir, max_shard_bytes, chunk_elements)
     check_output_dir(out_dir, config.inputs)
     opened: dict[object, Checkpoint] = {}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import dare, linear, orthomerge, ota, task_arithmetic, ties
+from . import dare, linear, orthomerge, ota, passthrough, task_arithmetic, ties
 from .base import ChunkInputs, ExpertInput, MergeMethod
 
 METHODS: dict[str, MergeMethod] = {
@@ -15,6 +15,7 @@ METHODS: dict[str, MergeMethod] = {
         dare.TIES,
         ota.METHOD,
         orthomerge.METHOD,
+        passthrough.METHOD,
     )
 }
 

@@ -137,6 +137,7 @@ class MergeMethod:
     prepare: Callable[[Callable[[], Iterator[ChunkInputs]]], Any] | None = None
     start_run: Callable[[int, torch.device], MergeRun] | None = None
     model_keys: frozenset[str] = frozenset()  # extra keys of a ``models:`` entry, e.g. {"sidecar"}
+    max_models: int | None = None  # most models one tensor may merge (passthrough: 1); checked at config time
 
 
 @dataclass(frozen=True)
