@@ -263,7 +263,7 @@ def describe_plan(plan: MergePlan) -> list[str]:
     lines = [
         f"method      {cfg.method.name}",
         f"base        {cfg.base_model or '-'}",
-        *[f"expert      {e.path}" for e in cfg.experts],
+        *([f"expert      {e.path}" for e in cfg.experts] if cfg.layout is None else _describe_layout(cfg.layout)),
         *(
             describe_second_moments(cfg, [t.out for t in plan.tensors if t.merged], plan.second_moments)
             if any(sc is not None for sc in plan.second_moments)
@@ -277,6 +277,12 @@ def describe_plan(plan: MergePlan) -> list[str]:
         lines.append(f"  {s.file_name}  {len(s.tensors)} tensors  {fmt_bytes(s.data_bytes)}")
     lines.append(f"peak RAM    ~{fmt_bytes(plan.working_set_bytes)} working set + the Python/torch runtime (~0.4 GB)")
     return lines
+
+
+def _describe_layout(layout) -> list[str]:
+    from .slices import describe_layout
+
+    return describe_layout(layout)
 
 
 def fmt_bytes(n: int) -> str:

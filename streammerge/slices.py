@@ -487,3 +487,18 @@ def _config_updates(reference: Checkpoint, ref_stack: LayerStack, layer_sources:
             values.append(own[layer])
         updates[key] = values
     return updates
+
+
+def describe_layout(layout: Layout) -> list[str]:
+    """``--dry-run`` lines: each slice's sources and the output layers it fills."""
+    if layout.slices is None:
+        return [f"model       {m.path}  ({layout.where}.models: every layer)" for m in layout.models]
+    lines, k = [], 0
+    for i, sl in enumerate(layout.slices):
+        first = sl.sources[0]
+        n = first.layer_range[1] - first.layer_range[0]
+        srcs = ", ".join(f"{s.path} {list(s.layer_range)}" for s in sl.sources)
+        base = f" (base {sl.base_model})" if sl.base_model else ""
+        lines.append(f"slice {i:<5} {srcs} -> layers {k}..{k + n - 1}{base}")
+        k += n
+    return lines
