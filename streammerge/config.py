@@ -12,6 +12,9 @@ Supported (mergekit 0.1.x semantics):
     out_dtype: bfloat16
     seed: 0                           # streammerge extension: DARE masks
 
+``slices:`` and ``modules:`` (layer ranges per source, frankenmerges) are parsed and planned by
+``streammerge.slices``; ``MergeConfig.layout`` holds them.
+
 A parameter value is a scalar, a gradient (list of numbers interpolated over layers: t = layer /
 (num_layers - 1), t = 0 for tensors outside the layer stack) or a list of ``{filter, value}``
 entries where the first whose ``filter`` is a substring of the tensor name (or is absent / "*")
