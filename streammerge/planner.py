@@ -28,7 +28,7 @@ from .second_moments import open_second_moments
 from .sidecar import SecondMoments
 
 if TYPE_CHECKING:
-    from .slices import TensorSources
+    from .slice_plan import TensorSources
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 per buffer; a multiple of dare.RNG_BLOCK
@@ -187,7 +187,7 @@ def make_plan(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> MergePlan:
     if config.layout is not None:  # slices: / modules:, planned tensor by tensor from their sources
-        from .slices import plan_layout
+        from .slice_plan import plan_layout
 
         return plan_layout(config, out_dir, max_shard_bytes, chunk_elements)
     check_output_dir(out_dir, config.inputs)
