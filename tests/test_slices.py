@@ -88,6 +88,26 @@ def test_per_layer_config_lists_follow_the_layers_taken(tmp_path):
     assert cfg["layer_types"] == ["b5", "b6", "a38", "a39", "b0"]
 
 
+def test_passthrough_keeps_stored_bytes_and_dtypes(tmp_path):
+    """bf16 weights and fp32 norms (no dtype: set) come out bit for bit, each in its own dtype."""
+    bf16 = {k: FIXTURES / f"tiny-llama-{k}" for k in ("base", "math")}
+    streammerge.merge({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(bf16["math"]), "layer_range": [1, 2]}]},
+        {"sources": [{"model": str(bf16["base"]), "layer_range": [0, 2]}]},
+    ]}, tmp_path / "out")
+    out, math, base = load_folder(tmp_path / "out"), load_folder(bf16["math"]), load_folder(bf16["base"])
+    assert {t.dtype for t in out.values()} == {torch.bfloat16, torch.float32}
+    pairs = [("model.layers.0.", math, "model.layers.1."), ("model.layers.1.", base, "model.layers.0."),
+             ("model.layers.2.", base, "model.layers.1.")]
+    for out_prefix, src, src_prefix in pairs:
+        for name, t in src.items():
+            if name.startswith(src_prefix):
+                o = out[out_prefix + name[len(src_prefix):]]
+                assert o.dtype == t.dtype and torch.equal(o, t), name
+    assert torch.equal(out["model.embed_tokens.weight"], math["model.embed_tokens.weight"])
+    assert torch.equal(out["model.norm.weight"], base["model.norm.weight"])
+
+
 def test_passthrough_with_models_copies_one_model(tmp_path):
     streammerge.merge({"merge_method": "passthrough", "models": [{"model": str(F32["a"]), "parameters": {"scale": 2}}],
                        "out_dtype": "bfloat16"}, tmp_path / "out")
