@@ -20,7 +20,10 @@ from .io.writer import OutputTensor, plan_shards
 from .planner import MergePlan, PlannedTensor, check_files_outside_output, check_output_dir, dtype_kind
 from .slices import Layout, OutputSlice, SliceSource
 
-PRE_MARKERS = ("embed", "wte", "wpe")  # non-layer tensors merged with the first slice (the rest: the last)
+# Non-layer tensors merged with the first slice ("pre", mergekit's pre_weights); the rest (final norm, lm_head)
+# with the last. Checked against every single-stack architecture mergekit 0.1.5 defines (tests/test_slices.py).
+PRE_MARKERS = ("embed", "wte", "wpe", "rotary_pos_emb", "relative_pe")
+POST_MARKERS = ("embed_out",)  # GPT-NeoX's lm_head
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")  # config.json lists with one entry per layer
 
@@ -74,7 +77,7 @@ def layer_stack(ckpt: Checkpoint) -> LayerStack:
 
 
 def is_pre_weight(name: str) -> bool:
-    return any(marker in name for marker in PRE_MARKERS)
+    return any(marker in name for marker in PRE_MARKERS) and not any(marker in name for marker in POST_MARKERS)
 
 
 def plan_layout(config, out_dir: Path, max_shard_bytes: int, chunk_elements: int):

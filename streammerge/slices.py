@@ -22,7 +22,9 @@ What mergekit 0.1.5 does (``plan.py``, ``config.py``, ``merge.py``), and so this
 - Tensors outside the layer stack take t = 0: the embeddings (pre) are merged from the first slice's
   sources with the first slice's parameters; the final norm and lm_head (post) from the last slice's
   sources (its first len(first slice's sources) ones, as mergekit's zip truncates them) with the last
-  slice's parameters. Which tensors are "pre": names holding ``embed``, ``wte`` or ``wpe``.
+  slice's parameters. Which tensors are "pre": ``slice_plan.is_pre_weight`` (names holding ``embed``
+  but not ``embed_out``, ``wte``, ``wpe``, rotary or relative position tables), which sorts every
+  single-stack architecture mergekit defines as it does.
 - Parameters resolve, most specific first: the source's, the slice's, the module's, the global ones.
   Per-model values are evaluated against the source tensor's name, global ones against the output's.
 - A method that uses a base (TIES, task arithmetic, ...) needs the slice's base model

@@ -192,3 +192,24 @@ def test_mergekit_example_runs_unchanged(tmp_path, name):
                 assert torch.equal(ours[f"model.layers.{24 + i}.{suffix}"], b[f"model.layers.{20 + i}.{suffix}"].half())
         assert torch.equal(ours["model.embed_tokens.weight"], a["model.embed_tokens.weight"].half())
         assert torch.equal(ours["lm_head.weight"], b["lm_head.weight"].half())
+
+
+def test_pre_and_post_tensors_sorted_as_mergekit_architectures_do():
+    """Every single-stack architecture in mergekit's tables: pre_weights are "pre", post_weights are not."""
+    import importlib.resources
+
+    from streammerge.slice_plan import is_pre_weight
+
+    checked = 0
+    for f in importlib.resources.files("mergekit._data.architectures").iterdir():
+        if not f.name.endswith(".json"):
+            continue
+        arch = json.loads(f.read_text())
+        if arch.get("kind", "module") != "module":
+            continue  # multi-module (vision-language, encoder-decoder): refused by slices:
+        for w in arch.get("pre_weights", []):
+            assert is_pre_weight(w["name"]), (f.name, w["name"])
+        for w in arch.get("post_weights", []):
+            assert not is_pre_weight(w["name"]), (f.name, w["name"])
+        checked += 1
+    assert checked > 30
