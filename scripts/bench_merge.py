@@ -147,6 +147,24 @@ def config_yaml(
     return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: float32\nout_dtype: bfloat16\n{extra}"
 
 
+def slices_yaml(kind: str, base: Path, experts: list[Path], layers: int) -> str:
+    """A ``slices:`` config: ``passthrough`` stacks base layers [0, 3L/4) and expert0's [L/4, L) (1.5 L
+    layers); ``ties`` merges base + experts 0, 1 over the first half and base + experts 1, 2 over the second."""
+    q, h = layers // 4, layers // 2
+    if kind == "passthrough":
+        return (f"merge_method: passthrough\nslices:\n  - sources: [{{model: {base}, layer_range: [0, {3 * q}]}}]\n"
+                f"  - sources: [{{model: {experts[0]}, layer_range: [{q}, {layers}]}}]\ndtype: float32\n"
+                f"out_dtype: bfloat16\n")
+    e = [experts[i % len(experts)] for i in range(3)]
+    half = "".join(
+        f"  - sources:\n      - {{model: {base}, layer_range: [{lo}, {hi}]}}\n"
+        + "".join(f"      - {{model: {x}, layer_range: [{lo}, {hi}], parameters: {{weight: 0.5, density: 0.5}}}}\n"
+                  for x in pair)
+        for (lo, hi), pair in (((0, h), e[:2]), ((h, layers), e[1:]))
+    )
+    return f"merge_method: ties\nbase_model: {base}\nslices:\n{half}dtype: float32\nout_dtype: bfloat16\n"
+
+
 def build_sidecars(data_dir: Path, args, experts: list[Path]) -> list[Path]:
     """A rank-1 sidecar per expert, converted by the CLI from a fake fp32 exp_avg_sq file (both cached)."""
     from bench_sidecar import build as build_second_moments
@@ -321,6 +339,8 @@ def main() -> None:
         default=0,
         help="only time --methods with 1 process and with N torchrun ranks (same bytes checked), then stop",
     )
+    ap.add_argument("--slices", action="store_true",
+                    help="also time slices: configs (a passthrough frankenmerge, TIES over two slices) vs mergekit")
     args = ap.parse_args()
     if args.ranks:
         bench_ranks(args)
@@ -401,6 +421,26 @@ def main() -> None:
                 + ("" if code == 0 else " FAILED"),
                 flush=True,
             )
+
+    if args.slices:
+        print("\n| slices: config | tool | wall s | CPU s | peak RSS | wall ratio |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |", flush=True)
+        for kind in ("passthrough", "ties"):
+            cfg_path = work / f"slices-{kind}.yaml"
+            cfg_path.write_text(slices_yaml(kind, base, experts, args.layers))
+            sm_runs, mk_runs = [], []
+            for _ in range(args.repeats):
+                sm_runs.append(run_tool("streammerge", cfg_path, work / "out-sm"))
+                if have_mergekit:
+                    mk_runs.append(run_tool("mergekit", cfg_path, work / "out-mk"))
+            sm, mk = repeated(sm_runs), repeated(mk_runs) if mk_runs else None
+            label = "passthrough, 1.5x layers" if kind == "passthrough" else "ties, 2 slices"
+            ratio = f"{sm[0] / mk[0]:.2f}x" if mk and mk[2] == 0 else "-"
+            print(f"| {label} | streammerge | {sm[0]:.1f} | {sm[3]:.1f} | {gb(sm[1])} | {ratio} |"
+                  + ("" if sm[2] == 0 else " FAILED"))
+            if mk:
+                print(f"| {label} | mergekit 0.1.5 | {mk[0]:.1f} | {mk[3]:.1f} | {gb(mk[1])} | 1.00x |"
+                      + ("" if mk[2] == 0 else " FAILED"), flush=True)
 
     if args.sync_costs:
         print("\n| --sync-every | wall s | CPU s | vs end-only |")

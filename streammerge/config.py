@@ -12,6 +12,9 @@ Supported (mergekit 0.1.x semantics):
     out_dtype: bfloat16
     seed: 0                           # streammerge extension: DARE masks
 
+``slices:`` and ``modules:`` (layer ranges per source, frankenmerges) are parsed and planned by
+``streammerge.slices``; ``MergeConfig.layout`` holds them.
+
 A parameter value is a scalar, a gradient (list of numbers interpolated over layers: t = layer /
 (num_layers - 1), t = 0 for tensors outside the layer stack) or a list of ``{filter, value}``
 entries where the first whose ``filter`` is a substring of the tensor name (or is absent / "*")
@@ -29,7 +32,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -38,6 +41,9 @@ from .errors import ConfigError
 from .io.paths import regular_file
 from .methods import METHODS, MergeMethod
 
+if TYPE_CHECKING:
+    from .slices import Layout
+
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -45,11 +51,9 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
     "float64": torch.float64, "fp64": torch.float64,
 }
 UNSUPPORTED_KEYS = {
-    "slices": "layer slicing (slices:) is not supported yet; use models:",
-    "modules": "per-module configs (modules:) are not supported yet; use models:",
     "tokenizer": "tokenizer merging (tokenizer:) is not supported; the base model's tokenizer is copied",
 }
-KNOWN_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed",
+KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype", "seed",
               "tokenizer_source", "chat_template", "name"}
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -71,6 +75,7 @@ class MergeConfig:
     out_dtype: torch.dtype | None
     seed: int
     source: str  # the YAML text, for the model card and the plan fingerprint
+    layout: Layout | None = None  # slices: / modules: (then ``models`` lists every model they read, once)
 
     @property
     def inputs(self) -> list[Path]:
@@ -124,9 +129,16 @@ def parse_config(text: str, root: Path | None = None, where: str = "config") -> 
     if src not in (None, "base"):
         raise ConfigError(f"{where}: tokenizer_source {src!r} is not supported; only 'base' (the default)")
     base = _resolve_path(raw["base_model"], root, where, "base_model") if raw.get("base_model") else None
-    if method.base_model == "required" and base is None:
+    from .slices import check_layout_parameters, layout_models, parse_layout  # slices imports this module
+
+    layout = parse_layout(raw, root, where, method)
+    has_slice_bases = layout is not None and layout.slices and all(s.base_model for s in layout.slices)
+    if method.base_model == "required" and base is None and not has_slice_bases:
         raise ConfigError(f"{where}: merge_method {name} needs base_model:")
-    models = [_model_entry(m, i, root, where, method) for i, m in enumerate(raw.get("models") or [])]
+    if layout is not None:
+        models = layout_models(layout, base)
+    else:
+        models = [_model_entry(m, i, root, where, method) for i, m in enumerate(raw.get("models") or [])]
     if not models:
         raise ConfigError(f"{where}: models: must list at least one model")
     params = raw.get("parameters") or {}
@@ -141,8 +153,15 @@ def parse_config(text: str, root: Path | None = None, where: str = "config") -> 
         out_dtype=_dtype(raw.get("out_dtype"), where, "out_dtype"),
         seed=_seed(raw.get("seed", 0), where),
         source=text,
+        layout=layout,
     )
+    if layout is not None:  # parameters resolve per slice; missing required ones are found while planning
+        check_layout_parameters(layout, params, method, where)
+        return cfg
     _check_expert_count(cfg, where)
+    if method.max_models is not None and len(cfg.experts) > method.max_models:
+        raise ConfigError(f"{where}: merge_method {name} takes at most {method.max_models} model(s) under models:, "
+                          f"got {len(cfg.experts)}")
     _check_parameter_names(cfg, where)
     return cfg
 

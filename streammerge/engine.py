@@ -166,27 +166,41 @@ def _second_moment_loaders(sc: SecondMoments | None, name: str, start: int, coun
     return {SECOND_MOMENT: second_moment, SECOND_MOMENT_RANK1: rank1, SECOND_MOMENT_BIAS_CORRECTION: bias_correction}
 
 
+def tensor_inputs(plan: MergePlan, tensor: PlannedTensor) -> tuple[tuple[Checkpoint, str] | None,
+                                                                     list[tuple[Checkpoint, str]]]:
+    """(base, experts) of a tensor as (checkpoint, tensor name): its own sources (slices:), else the plan's."""
+    if tensor.sources is not None:
+        return tensor.sources.base, list(tensor.sources.experts)
+    name = tensor.out.name
+    return ((plan.base, name) if plan.base is not None else None), [(ckpt, name) for ckpt in plan.experts]
+
+
 def _inputs(plan: MergePlan, tensor: PlannedTensor, params, model_params, start: int, count: int | None,
             state, options: MergeOptions, run) -> ChunkInputs:
     # Elementwise methods check their output instead of every input (one reduction per chunk, not one per
     # input and pass): NaN/Inf in any input reaches the output at that element (masks multiply, sums add).
-    name, device = tensor.out.name, options.device
+    device = options.device
     finite = not options.allow_nonfinite and not plan.config.method.elementwise
-    base = _loader(plan.base, name, start, count, device, finite)() if plan.base is not None else None
-    sidecars = plan.second_moments or [None] * len(plan.experts)
+    base_in, experts_in = tensor_inputs(plan, tensor)
+    base = _loader(*base_in, start, count, device, finite)() if base_in is not None else None
+    sidecars = plan.second_moments or [None] * len(experts_in)
     experts = [
         ExpertInput(_loader(ckpt, name, start, count, device, finite), mp,
                     {**_second_moment_loaders(sc, name, start, count, device), **ckpt.aux(name)}, ckpt.kind,
                     None if finite else _stored_loader(ckpt, name, start, count, device))
-        for ckpt, mp, sc in zip(plan.experts, model_params, sidecars, strict=False)
+        for (ckpt, name), mp, sc in zip(experts_in, model_params, sidecars, strict=False)
     ]
-    return ChunkInputs(name, tensor.out.shape, start, base, experts, params, plan.config.seed, state, device, run)
+    return ChunkInputs(tensor.out.name, tensor.out.shape, start, base, experts, params, plan.config.seed, state,
+                       device, run)
 
 
 def tensor_chunks(plan: MergePlan, tensor: PlannedTensor, options: MergeOptions, run=None):
     """``chunks(state=None)``: a function yielding the tensor's ``ChunkInputs``, one per chunk, anew per call."""
     out = tensor.out
-    params, model_params = resolve_parameters(plan.config, out.name, layer_position(out.name, plan.num_layers))
+    if tensor.sources is not None:  # slices: resolved while planning, per slice and source
+        params, model_params = tensor.sources.params, tensor.sources.model_params
+    else:
+        params, model_params = resolve_parameters(plan.config, out.name, layer_position(out.name, plan.num_layers))
     ranges = chunk_ranges(out.numel, plan.chunk_elements) if plan.config.method.elementwise else [(0, None)]
 
     def chunks(state=None) -> Iterator[ChunkInputs]:
@@ -201,7 +215,8 @@ def merge_tensor(plan: MergePlan, tensor: PlannedTensor, writer: ShardWriter | W
     """Compute one output tensor and write it (in chunks for elementwise methods)."""
     out = tensor.out
     if not tensor.merged:
-        writer.write(out.name, plan.reference.read(out.name))
+        ckpt, name = tensor.sources.inputs()[0] if tensor.sources is not None else (plan.reference, out.name)
+        writer.write(out.name, ckpt.read(name))
         return
     method = plan.config.method
     chunks = tensor_chunks(plan, tensor, options, run)
@@ -224,9 +239,10 @@ def _blame_nonfinite(plan: MergePlan, tensor: PlannedTensor, inputs: ChunkInputs
     # a NaN from one chunk into every other)
     ranges = [(inputs.start, min(plan.chunk_elements, tensor.out.numel - inputs.start))]
     ranges += chunk_ranges(tensor.out.numel, plan.chunk_elements)
+    base_in, experts_in = tensor_inputs(plan, tensor)
     for start, count in ranges:
-        for ckpt in [c for c in (plan.base, *plan.experts) if c is not None]:
-            _loader(ckpt, name, start, count, options.device, True)()
+        for ckpt, in_name in [x for x in (base_in, *experts_in) if x is not None]:
+            _loader(ckpt, in_name, start, count, options.device, True)()
     raise StreamMergeError(
         f"merged tensor {name!r} has {found[0]} NaN/Inf value(s) (first at flat element {inputs.start + found[1]}) "
         f"although its inputs are finite: an overflow of the merge's fp32 math; check the weights, or pass "
@@ -289,9 +305,15 @@ class WriteBehind:
 
 
 def _prefetch(plan: MergePlan, tensor: PlannedTensor) -> None:
-    sources = [plan.reference] if not tensor.merged else [c for c in (plan.base, *plan.experts) if c is not None]
-    for ckpt in sources:
-        ckpt.prefetch(tensor.out.name)
+    if tensor.sources is not None:
+        sources = tensor.sources.inputs()[:1] if not tensor.merged else tensor.sources.inputs()
+    elif not tensor.merged:
+        sources = [(plan.reference, tensor.out.name)]
+    else:
+        base_in, experts_in = tensor_inputs(plan, tensor)
+        sources = [x for x in (base_in, *experts_in) if x is not None]
+    for ckpt, name in sources:
+        ckpt.prefetch(name)
 
 
 def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: ProgressFn | None = None) -> MergeResult:
@@ -319,7 +341,8 @@ def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: Pr
         run = _start_run(plan, options, done, progress)
         with ShardWriter(plan.out_dir, plan.shards, done) as writer:
             computed = _merge_all(plan, options, writer, claim.journal, progress, run)
-            write_model_files(plan.reference.folder, plan.out_dir, plan.config.out_dtype or plan.config.dtype)
+            write_model_files(plan.reference.folder, plan.out_dir, plan.config.out_dtype or plan.config.dtype,
+                              plan.config_updates)
             inputs = [str(p) for p in plan.config.inputs]
             write_model_card(plan.out_dir, plan.config.source, plan.config.method.name, inputs)
             writer.finalize()

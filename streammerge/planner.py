@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,8 +27,10 @@ from .second_moments import describe as describe_second_moments
 from .second_moments import open_second_moments
 from .sidecar import SecondMoments
 
+if TYPE_CHECKING:
+    from .slice_plan import TensorSources
+
 DEFAULT_SHARD_BYTES = 5 * 10**9
-CHUNK_UNIT = 1 << 20  # chunks start on multiples of this: DARE's RNG blocks and OrderedSum's blocks divide it
 CHUNK_UNIT = 1 << 20  # chunks start at multiples of this: DARE's RNG blocks and OrderedSum's blocks divide it
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 per buffer
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -53,7 +56,8 @@ def parse_size(text: str | int) -> int:
 @dataclass(frozen=True)
 class PlannedTensor:
     out: OutputTensor
-    merged: bool  # False: a non-float tensor copied from the reference model
+    merged: bool  # False: a non-float tensor copied from the reference model (or its first source)
+    sources: TensorSources | None = None  # slices: configs: this tensor's own inputs and parameters
 
 
 @dataclass
@@ -70,6 +74,7 @@ class MergePlan:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     second_moments: list[SecondMoments | None] = field(default_factory=list)  # per expert (OTA sidecars)
     notes: list[str] = field(default_factory=list)  # lines for the run's report (e.g. buffers taken from the base)
+    config_updates: dict = field(default_factory=dict)  # config.json keys set in the output (slices: layer count)
 
     @property
     def output_bytes(self) -> int:
@@ -217,6 +222,10 @@ def make_plan(
 ) -> MergePlan:
     if chunk_elements <= 0 or chunk_elements % CHUNK_UNIT:
         raise PlanError(f"chunk size {chunk_elements}: must be a positive multiple of {CHUNK_UNIT} elements")
+    if config.layout is not None:  # slices: / modules:, planned tensor by tensor from their sources
+        from .slice_plan import plan_layout
+
+        return plan_layout(config, out_dir, max_shard_bytes, chunk_elements)
     check_output_dir(out_dir, config.inputs)
     opened: dict[object, Checkpoint] = {}
 
@@ -316,7 +325,7 @@ def describe_plan(plan: MergePlan) -> list[str]:
     lines = [
         f"method      {cfg.method.name}",
         f"base        {cfg.base_model or '-'}",
-        *[f"expert      {e.path}" for e in cfg.experts],
+        *([f"expert      {e.path}" for e in cfg.experts] if cfg.layout is None else _describe_layout(cfg.layout)),
         *(
             describe_second_moments(cfg, [t.out for t in plan.tensors if t.merged], plan.second_moments)
             if any(sc is not None for sc in plan.second_moments)
@@ -330,6 +339,12 @@ def describe_plan(plan: MergePlan) -> list[str]:
         lines.append(f"  {s.file_name}  {len(s.tensors)} tensors  {fmt_bytes(s.data_bytes)}")
     lines.append(f"peak RAM    ~{fmt_bytes(plan.working_set_bytes)} working set + the Python/torch runtime (~0.4 GB)")
     return lines
+
+
+def _describe_layout(layout) -> list[str]:
+    from .slices import describe_layout
+
+    return describe_layout(layout)
 
 
 def fmt_bytes(n: int) -> str:

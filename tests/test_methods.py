@@ -145,8 +145,8 @@ def test_dare_masks_depend_on_seed_and_tensor_not_order():
 def test_all_methods_are_chunk_invariant():
     base, ex = _experts(shape=(32, 33))
     for name, m in METHODS.items():
-        if not m.elementwise or name.startswith("dare") or name == "ota":
-            continue  # DARE: RNG blocks (test above); OTA needs second moments (tests/test_ota.py)
+        if not m.elementwise or name.startswith("dare") or name in ("ota", "passthrough"):
+            continue  # DARE: RNG blocks (test above); OTA needs second moments (tests/test_ota.py); passthrough below
         if name in ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap"):
             continue  # own parameters and model counts: tests/test_geometric_methods.py
         kw = {"densities": [0.5, 0.3, 0.8]} if "density" in m.model_params.__dataclass_fields__ else {}
@@ -170,3 +170,26 @@ def test_kth_largest_equals_kthvalue(dtype):
     x[:50] = 0.0
     for k in [1, 2, 77, 50_000, 100_002, 100_003]:
         assert kth_largest(x, k) == float(x.kthvalue(x.numel() - k + 1).values), k
+
+
+@pytest.mark.parametrize("scale", [None, 0.5, -2.0])
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_passthrough_formula(scale, chunk):
+    """mergekit's passthrough: the one model's tensor, times ``scale`` when it is set; the same in chunks."""
+    from streammerge.methods.passthrough import PassthroughModelParams
+
+    _, (x,) = _experts(n=1, shape=(32, 33))
+    m, params = METHODS["passthrough"], PassthroughModelParams(scale)
+    ranges = chunk_ranges(x.numel(), chunk) if chunk else [(0, None)]
+    out = []
+    for start, count in ranges:
+        part = x.reshape(-1)[start : start + count] if count is not None else x
+        stored = part.to(torch.bfloat16)  # the stored-dtype path: bits as stored, cast once by the engine
+        ex = ExpertInput(lambda p=part: p.clone(), params, load_stored=lambda s=stored: s.clone())
+        got = m.merge(ChunkInputs("model.layers.0.mlp.w", (32, 33), start, None, [ex], m.params(), 0))
+        want = stored if scale is None else part * scale
+        assert torch.equal(got, want)
+        out.append(got.reshape(-1).float())
+    whole = torch.cat(out).reshape(x.shape)
+    ref = x.to(torch.bfloat16).float() if scale is None else x * scale
+    torch.testing.assert_close(whole, ref, rtol=0, atol=0)

@@ -42,11 +42,13 @@ def read_config(folder: Path) -> dict | None:
     return read_json_object(path) if path.is_file() else None
 
 
-def write_model_files(source: Path, out_dir: Path, dtype: torch.dtype | None) -> list[str]:
-    """Copy config (with its dtype set to ``dtype``) and tokenizer files; return the names written."""
+def write_model_files(source: Path, out_dir: Path, dtype: torch.dtype | None, updates: dict | None = None) -> list[str]:
+    """Copy config (with its dtype set to ``dtype`` and ``updates`` applied) and tokenizer files; return the
+    names written."""
     written = []
     config = read_config(source)
     if config is not None:
+        config.update(updates or {})
         if dtype in DTYPE_STRINGS:
             # transformers < 5 reads torch_dtype, >= 5 reads dtype; keep whichever the source used.
             keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]

@@ -15,6 +15,7 @@ from . import (
     nuslerp,
     orthomerge,
     ota,
+    passthrough,
     ram,
     sce,
     slerp,
@@ -47,6 +48,7 @@ METHODS: dict[str, MergeMethod] = {
         model_stock.METHOD,
         nearswap.METHOD,
         arcee_fusion.METHOD,
+        passthrough.METHOD,
     )
 }
 

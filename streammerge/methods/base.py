@@ -144,6 +144,7 @@ class MergeMethod:
     # estimated peak bytes to merge one tensor (name, shape, n_experts) for the plan; None: the engine's default
     working_set: Callable[[str, tuple[int, ...], int], int] | None = None
     expert_count: tuple[int, int | None] = (1, None)  # (min, max or None) experts merged (base excluded)
+    max_models: int | None = None  # most models one tensor may merge (passthrough: 1); checked at config time
 
 
 @dataclass(frozen=True)
