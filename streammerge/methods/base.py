@@ -137,6 +137,8 @@ class MergeMethod:
     prepare: Callable[[Callable[[], Iterator[ChunkInputs]]], Any] | None = None
     start_run: Callable[[int, torch.device], MergeRun] | None = None
     model_keys: frozenset[str] = frozenset()  # extra keys of a ``models:`` entry, e.g. {"sidecar"}
+    # checks the resolved (params, model_params) together while the config is read; raises ValueError
+    validate: Callable[[Any, list[Any]], None] | None = None
 
 
 @dataclass(frozen=True)
