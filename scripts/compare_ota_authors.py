@@ -76,14 +76,14 @@ def main() -> None:
         for config in configs:
             cfg = localized(config, tmp, keep_tokenizer=False)
             theirs, ours = tmp / f"{config.stem}-fork", tmp / f"{config.stem}-streammerge"
-            subprocess.run([str(args.venv / "bin" / "mergekit-yaml"), str(cfg), str(theirs), "--no-copy-tokenizer"], check=True,
-                           capture_output=True)
+            fork = [str(args.venv / "bin" / "mergekit-yaml"), str(cfg), str(theirs), "--no-copy-tokenizer"]
+            subprocess.run(fork, check=True, capture_output=True)
             subprocess.run([sys.executable, "-c", "import sys; from streammerge.cli import main; main()", "merge",
                             str(cfg), str(ours), "--quiet"], check=True, capture_output=True,
                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
             n, eq, one, worst = compare(load_dir(theirs), load_dir(ours))
             rows.append((config.name, n, eq / n, one / n, worst))
-    print(f"| config | entries | equal | within 1 bf16 ulp | max ulps |\n| --- | ---: | ---: | ---: | ---: |")
+    print("| config | entries | equal | within 1 bf16 ulp | max ulps |\n| --- | ---: | ---: | ---: | ---: |")
     for name, n, eq, one, worst in rows:
         print(f"| {name} | {n} | {eq:.4%} | {one:.4%} | {worst} |")
 
