@@ -15,8 +15,8 @@ shape as the model's tensor), so a bad file is refused before anything is writte
 and only for 2-D tensors, computed from the file when the merge reaches the tensor, never for the
 whole model at once:
 
-- rank 1: v̂ = r·(c/Σv) with row sums r, column sums c and Σv summed in fp64 over fixed row blocks
-  (zeros where Σv = 0). Handed to the method as factors (``rank1_chunk``), so the merge forms
+- rank 1: v̂ = r·(c/Σv) with row sums r and column sums c in fp32 (as theirs) over fixed row blocks, Σv
+  in fp64 (zeros where Σv = 0). Handed to the method as factors (``rank1_chunk``), so the merge forms
   v̂ (and vᵢ^p) per chunk from two vectors.
 - rank K (not embeddings or lm_head, as the authors' ``is_embed`` exclusion): the truncated SVD of v
   (seeded randomized subspace iteration in fp64, ``io.second_moment_factors``), v̂ = max(a·b, 0). The
@@ -41,6 +41,7 @@ from .io.second_moment_factors import _row_blocks, _truncated_svd
 from .io.second_moment_sources import TORCH_SUFFIXES, Source, _lookup, open_source
 from .sidecar import SecondMoments, load
 
+RANK1_BLOCK_ELEMENTS = 1 << 16  # rows of the rank-1 sums are read this many elements at a time
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "word_embeddings.weight",
                       "embed_out.weight", "embed_in.weight")
 
@@ -160,11 +161,12 @@ class Preconditioner(SecondMoments):
             return "rank-k"
         return "exact"
 
-    def _rows(self, name: str):
+    def _rows(self, name: str, block_elements: int):
         """The tensor's fp32 (m, n) rows, one fixed row block at a time: (lo, hi, block)."""
         m, n = self.shape(name)
         key = self._keys[name]
-        for lo, hi in _row_blocks(m, n):
+        rows = max(1, block_elements // max(n, 1))
+        for lo, hi in ((i, min(i + rows, m)) for i in range(0, m, rows)):
             yield lo, hi, self.inner.get_flat(key, lo * n, (hi - lo) * n).reshape(hi - lo, n)
 
     def _computed(self, name: str):
@@ -173,17 +175,18 @@ class Preconditioner(SecondMoments):
         self._factors = self._block = None
         m, n = self.shape(name)
         if self._kind(name) == "rank1":
-            r = torch.empty(m, dtype=torch.float64)
-            c = torch.zeros(n, dtype=torch.float64)
-            for lo, hi, block in self._rows(name):
+            # fp32 sums as the authors' (torch's cascade sums: error ~ log(n)·ulp), over small fixed row blocks
+            # so the second reduction reads the block from cache; the total in fp64
+            r = torch.empty(m, dtype=torch.float32)
+            c = torch.zeros(n, dtype=torch.float32)
+            for lo, hi, block in self._rows(name, RANK1_BLOCK_ELEMENTS):
                 self._check_values(name, block)
-                b64 = block.to(torch.float64)
-                r[lo:hi] = b64.sum(dim=1)
-                c += b64.sum(dim=0)
-                del block, b64
-            total = float(r.sum())
-            cols = (c / total).to(torch.float32) if total != 0 else torch.zeros(n, dtype=torch.float32)
-            factors = (r.to(torch.float32), cols)
+                torch.sum(block, dim=1, out=r[lo:hi])
+                c += block.sum(dim=0)
+                del block
+            total = float(r.sum(dtype=torch.float64))
+            cols = (c.to(torch.float64) / total).to(torch.float32) if total != 0 else torch.zeros(n)
+            factors = (r, cols)
         else:
             v = self.inner.get(self._keys[name]).to(torch.float32).reshape(m, n)
             self._check_values(name, v)

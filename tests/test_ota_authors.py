@@ -237,7 +237,7 @@ def test_keys_with_the_authors_fallback_names(tmp_path):
 
 
 def test_rank1_at_merge_time_is_their_lemma(monkeypatch):
-    monkeypatch.setattr(second_moment_factors, "BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr("streammerge.preconditioners.RANK1_BLOCK_ELEMENTS", 40)  # several row blocks
     path = ROOT / "fixtures" / "ota-authors" / "general" / "export" / "exp_avg_sq.safetensors"
     name = "model.layers.0.mlp.gate_proj.weight"
     inner = RawSecondMoments(path)
