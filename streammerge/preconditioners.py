@@ -61,7 +61,9 @@ class SourceSecondMoments(SecondMoments):
     last tensor read is kept so that chunks of it do not load it again."""
 
     def __init__(self, source: Source):
-        self.source, self.path = source, source.path
+        self.source = source
+        # the file the merge depends on (a Trainer folder's optimizer.pt), for the resume fingerprint
+        self.path = source.torch_file.path if source.torch_file is not None else source.path
         self.metadata = dict(source.metadata)
         self._last: tuple[str, torch.Tensor] | None = None
 

@@ -198,8 +198,16 @@ class BlockSum:
         return self.total
 
 
+def _needs_statistics(params: OtaParams, model_params: list[OtaModelParams]) -> bool:
+    authors = any(mp.preconditioner_path is not None for mp in model_params)
+    return authors and (params.normalise.lower() == "global" or params.rescale)
+
+
 def prepare(chunks) -> AuthorsTensorState | None:
     """Whole-tensor statistics the authors' language needs (see the module docstring), or None."""
+    known = getattr(chunks, "model_params", None), getattr(chunks, "params", None)
+    if known[0] is not None and known[1] is not None and not _needs_statistics(known[1], known[0]):
+        return None  # decided from the parameters, without reading a chunk
     first = next(iter(chunks()), None)
     if first is None or not uses_authors_language(first):
         return None
