@@ -163,6 +163,26 @@ def slices_yaml(kind: str, base: Path, experts: list[Path], layers: int) -> str:
         for (lo, hi), pair in (((0, h), e[:2]), ((h, layers), e[1:]))
     )
     return f"merge_method: ties\nbase_model: {base}\nslices:\n{half}dtype: float32\nout_dtype: bfloat16\n"
+def build_raw_second_moments(args, experts: list[Path]) -> list[Path]:
+    """A fake fp32 name-keyed exp_avg_sq .safetensors per expert (the OTA authors' export format; cached)."""
+    from bench_sidecar import build as build_second_moments
+
+    shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
+    return [build_second_moments(e.parent / f"v-{e.name}", shapes, False, seed=i + 1)[0] for i, e in enumerate(experts)]
+
+
+def authors_ota_yaml(base: Path, experts: list[Path], raw: list[Path], per_model_threshold: bool) -> str:
+    """The authors' hf_ota_ffg_rank1lemma.yml (per-model thresholds) or hf_ota_ffg_global_thresh.yml layout."""
+    thresholds = ["2.626e-19", "1.1152e-18", "3.8823e-21", "5.53727472e-19", "5.56821541e-19"]
+    models = "".join(
+        f"  - model: {e}\n    parameters:\n      preconditioner_path: {v}\n"
+        + (f"      precond_threshold: {thresholds[i % len(thresholds)]}\n" if per_model_threshold else "")
+        + "      rank1_approx: true\n"
+        for i, (e, v) in enumerate(zip(experts, raw, strict=True))
+    )
+    glob = "" if per_model_threshold else "  precond_threshold: 6.0e-19\n"
+    return (f"merge_method: ota\nbase_model: {base}\nparameters:\n  epsilon: 1e-26\n  normalise: none\n"
+            f"  power: 0.5\n  fallback_to_base: true\n  rescale: false\n{glob}models:\n{models}dtype: bfloat16\n")
 
 
 def build_sidecars(data_dir: Path, args, experts: list[Path]) -> list[Path]:
@@ -327,6 +347,12 @@ def main() -> None:
         action="store_true",
         help="also time OTA and OTA+FFG against task_arithmetic (builds rank-1 sidecars once)",
     )
+    ap.add_argument(
+        "--ota-authors",
+        action="store_true",
+        help="also time the OTA authors' rank1_approx configs (raw fp32 exp_avg_sq files, built once) against "
+        "task_arithmetic",
+    )
     ap.add_argument("--repeats", type=int, default=1, help="runs per timed row (median wall/CPU, max RSS)")
     ap.add_argument(
         "--sync-costs",
@@ -441,6 +467,30 @@ def main() -> None:
             if mk:
                 print(f"| {label} | mergekit 0.1.5 | {mk[0]:.1f} | {mk[3]:.1f} | {gb(mk[1])} | 1.00x |"
                       + ("" if mk[2] == 0 else " FAILED"), flush=True)
+    if args.ota_authors:
+        raw = build_raw_second_moments(args, experts)
+        warm([base, *experts, *[r.parent for r in raw]])
+        print("\n| config (OTA authors' language, rank1_approx at merge time) | wall s | CPU s | peak RSS | "
+              "wall vs task_arithmetic |")
+        print("| --- | ---: | ---: | ---: | ---: |", flush=True)
+        rows = [
+            ("task_arithmetic", config_yaml("task_arithmetic", base, experts)),
+            ("hf_ota_ffg_rank1lemma (per-model thresholds)", authors_ota_yaml(base, experts, raw, True)),
+            ("hf_ota_ffg_global_thresh (global threshold)", authors_ota_yaml(base, experts, raw, False)),
+        ]
+        runs = {label: [] for label, _ in rows}
+        for _ in range(args.repeats):
+            for label, text in rows:
+                cfg_path = work / "ota-authors-bench.yaml"
+                cfg_path.write_text(text)
+                runs[label].append(run_tool("streammerge", cfg_path, work / "out-sm"))
+        first = None
+        for label, _ in rows:
+            wall, rss, code, cpu = repeated(runs[label])
+            first = first or wall
+            print(f"| {label} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | {wall / first:.2f}x |"
+                  + ("" if code == 0 else " FAILED") + ("" if rss <= budget else " (RSS OVER budget)"), flush=True)
+        print(f"RSS budget (import torch + 4 x largest fp32 tensor) = {gb(budget)}")
 
     if args.sync_costs:
         print("\n| --sync-every | wall s | CPU s | vs end-only |")

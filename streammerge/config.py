@@ -40,6 +40,7 @@ import yaml
 from .errors import ConfigError
 from .io.paths import regular_file
 from .methods import METHODS, MergeMethod
+from .preconditioner_paths import resolve_preconditioner_path
 
 if TYPE_CHECKING:
     from .slices import Layout
@@ -55,6 +56,7 @@ UNSUPPORTED_KEYS = {
 }
 KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype", "seed",
               "tokenizer_source", "chat_template", "name"}
+PRECONDITIONER_KEY = "preconditioner_path"  # OTA authors' per-model parameter naming a file
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -144,6 +146,9 @@ def parse_config(text: str, root: Path | None = None, where: str = "config") -> 
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: parameters: must be a mapping")
+    if PRECONDITIONER_KEY in params:
+        raise ConfigError(f"{where}: parameters: {PRECONDITIONER_KEY} names one model's file; give it under that "
+                          "model's parameters:")
     cfg = MergeConfig(
         method=method,
         base_model=base,
@@ -216,7 +221,16 @@ def _model_entry(raw: object, i: int, root: Path | None, where: str, method: Mer
             allowed = ", ".join(["model", "parameters", *sorted(method.model_keys)])
             raise ConfigError(f"{where}: models[{i}]: unknown key {key!r} for {method.name} (allowed: {allowed})")
         extra[key] = _resolve_path(value, root, where, f"models[{i}].{key}")  # model_keys are file paths
+    if PRECONDITIONER_KEY in params and _takes(method, PRECONDITIONER_KEY):
+        # the OTA authors' per-model second-moment file: a path (or hub file), resolved like model paths
+        extra[PRECONDITIONER_KEY] = resolve_preconditioner_path(
+            params[PRECONDITIONER_KEY], root, where, f"models[{i}].parameters.{PRECONDITIONER_KEY}"
+        )
     return ModelEntry(_resolve_path(raw["model"], root, where, f"models[{i}].model"), params, extra)
+
+
+def _takes(method: MergeMethod, key: str) -> bool:
+    return any(f.name == key for f in dataclasses.fields(method.model_params))
 
 
 def _dtype(value: object, where: str, key: str) -> torch.dtype | None:
@@ -259,7 +273,12 @@ def _check_parameter_names(cfg: MergeConfig, where: str) -> None:
                 )
     # Resolve once for a representative name so that malformed values and missing required
     # parameters fail before any file is written.
-    resolve_parameters(cfg, "model.layers.0.self_attn.q_proj.weight", 0.0)
+    glob, models = resolve_parameters(cfg, "model.layers.0.self_attn.q_proj.weight", 0.0)
+    if cfg.method.validate is not None:
+        try:
+            cfg.method.validate(glob, models)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from e
 
 
 def layer_position(name: str, num_layers: int) -> float:

@@ -207,6 +207,7 @@ def tensor_chunks(plan: MergePlan, tensor: PlannedTensor, options: MergeOptions,
         for start, count in ranges:
             yield _inputs(plan, tensor, params, model_params, start, count, state, options, run)
 
+    chunks.params, chunks.model_params = params, model_params  # lets ``prepare`` decide before reading anything
     return chunks
 
 

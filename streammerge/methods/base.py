@@ -145,6 +145,8 @@ class MergeMethod:
     working_set: Callable[[str, tuple[int, ...], int], int] | None = None
     expert_count: tuple[int, int | None] = (1, None)  # (min, max or None) experts merged (base excluded)
     max_models: int | None = None  # most models one tensor may merge (passthrough: 1); checked at config time
+    # checks the resolved (params, model_params) together while the config is read; raises ValueError
+    validate: Callable[[Any, list[Any]], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ expert uses ``density``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import struct
@@ -67,20 +68,49 @@ def _number(value: object) -> bool:
 @dataclass(frozen=True)
 class OtaParams:
     power: float = 0.5  # p in wᵢ = cᵢ·vᵢ^p + ε
-    epsilon: float = 1e-26  # ε; see the module docstring for why not 1e-8
-    fallback_to_base: bool = True  # all experts masked at an entry: θ₀ (true) or the mean of the experts
+    epsilon: float | None = None  # ε: 1e-26 (see the module docstring for why not 1e-8); the authors' language: 1e-8
+    fallback_to_base: bool | None = None  # all experts masked at an entry: θ₀ (true) or the experts' mean;
+    #                                       default true, the authors' language false
     bias_correction: bool = False  # divide v by 1 − β₂^step (step and β₂ from each expert's sidecar)
-    missing_second_moment: Literal["linear", "error"] = "linear"  # a tensor without v: merge linearly, or fail
+    # a tensor without v: merge linearly, or fail; default linear, the authors' language error
+    missing_second_moment: Literal["linear", "error"] | None = None
+    # the OTA authors' language only (models given with preconditioner_path; see ota_authors.py)
+    normalise: Literal["none", "global"] = "none"
+    rescale: bool = False
+    approximate_norm: bool = False
+    rescale_relative_threshold: float = 1e-6
+    masked_task_vector_merge_method: Literal["precond", "linear", "ties"] = "precond"
+    ties_density: float | None = None
 
     def __post_init__(self):
         if not _number(self.power) or self.power < 0:
             raise ValueError(f"ota: power must be a number >= 0, got {self.power!r}")
-        if not _number(self.epsilon) or self.epsilon <= 0:
+        if self.epsilon is not None and (not _number(self.epsilon) or self.epsilon <= 0):
             raise ValueError(f"ota: epsilon must be a number > 0 (it keeps Σ wᵢ positive), got {self.epsilon!r}")
-        if self.missing_second_moment not in ("linear", "error"):
+        if self.missing_second_moment not in (None, "linear", "error"):
             raise ValueError(
                 f"ota: missing_second_moment must be 'linear' or 'error', got {self.missing_second_moment!r}"
             )
+        if not isinstance(self.normalise, str) or self.normalise.lower() not in ("none", "global"):
+            raise ValueError(f"ota: normalise must be 'none' or 'global', got {self.normalise!r}")
+        if self.masked_task_vector_merge_method not in ("precond", "linear", "ties"):
+            raise ValueError("ota: masked_task_vector_merge_method must be 'precond', 'linear' or 'ties', got "
+                             f"{self.masked_task_vector_merge_method!r}")
+        if not _number(self.rescale_relative_threshold):
+            raise ValueError(
+                f"ota: rescale_relative_threshold must be a number, got {self.rescale_relative_threshold!r}"
+            )
+        if self.ties_density is not None and not (_number(self.ties_density) and 0 <= self.ties_density):
+            raise ValueError(f"ota: ties_density must be a number >= 0, got {self.ties_density!r}")
+
+    def resolved(self, authors: bool) -> OtaParams:
+        """These parameters with the unset defaults of streammerge's language, or the authors' (``authors``)."""
+        return dataclasses.replace(
+            self,
+            epsilon=self.epsilon if self.epsilon is not None else (1e-8 if authors else 1e-26),
+            fallback_to_base=self.fallback_to_base if self.fallback_to_base is not None else not authors,
+            missing_second_moment=self.missing_second_moment or ("error" if authors else "linear"),
+        )
 
 
 @dataclass(frozen=True)
@@ -88,6 +118,12 @@ class OtaModelParams:
     scaling_factor: float = 1.0  # cᵢ
     density: float | None = None  # FFG: fraction of this expert's entries kept over the whole model, in (0, 1]
     threshold: float | None = None  # FFG: absolute saliency threshold Tᵢ (instead of density)
+    # the OTA authors' language (see ota_authors.py); preconditioner_path selects it
+    preconditioner_path: str | None = None  # the expert's second-moment file (opened by the planner)
+    precond_threshold: float | None = None  # FFG threshold: v·τ² ≥ T with a base, v ≥ T without
+    rank1_approx: bool = False  # approximate 2-D v by r·(c/Σv) at merge time
+    rank: int | None = None  # approximate 2-D v (not embeddings) by its rank-K truncated SVD, clamped at 0
+    weight: float | None = None  # accepted and ignored, as the authors' code does
 
     def __post_init__(self):
         if not _number(self.scaling_factor) or self.scaling_factor < 0:
@@ -96,8 +132,19 @@ class OtaModelParams:
             raise ValueError(f"ota: density must be a number in (0, 1], got {self.density!r}")
         if self.threshold is not None and not (_number(self.threshold) and self.threshold >= 0):
             raise ValueError(f"ota: threshold must be a number >= 0, got {self.threshold!r}")
+        if self.precond_threshold is not None and not _number(self.precond_threshold):
+            raise ValueError(f"ota: precond_threshold must be a finite number, got {self.precond_threshold!r}")
         if self.density is not None and self.threshold is not None:
             raise ValueError("ota: give an expert either density or threshold, not both")
+        given = [k for k in ("density", "threshold", "precond_threshold") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"ota: give an expert one of density, threshold, precond_threshold, not {' and '.join(given)}"
+            )
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"ota: rank must be a positive integer, got {self.rank!r}")
+        if self.preconditioner_path is not None and not isinstance(self.preconditioner_path, str):
+            raise ValueError(f"ota: preconditioner_path must be a path, got {self.preconditioner_path!r}")
 
 
 # --- pure formulas (fp32 tensors in, fresh fp32 tensors out) -----------------------------------------
@@ -478,6 +525,11 @@ def _linear_merge(inputs: ChunkInputs) -> torch.Tensor:
 
 def merge(inputs: ChunkInputs) -> torch.Tensor:
     """OTA (+ FFG) for one chunk; see the module docstring. fp32 in, fp32 out, the chunk's shape."""
+    from . import ota_authors  # the authors' language: models given with preconditioner_path
+
+    if ota_authors.uses_authors_language(inputs):
+        return ota_authors.merge(inputs)
+    inputs = dataclasses.replace(inputs, params=inputs.params.resolved(authors=False))
     run = inputs.run if isinstance(inputs.run, OtaRun) else None
     if not inputs.experts:
         if inputs.base is None:
@@ -503,6 +555,19 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
     return _linear_merge(inputs)
 
 
+def _prepare(chunks):
+    from . import ota_authors
+
+    return ota_authors.prepare(chunks)
+
+
+def _validate(params: OtaParams, model_params: list[OtaModelParams]) -> None:
+    from . import ota_authors
+
+    ota_authors.validate(params, model_params)
+
+
 METHOD = MergeMethod(
-    "ota", merge, OtaParams, OtaModelParams, base_model="optional", start_run=OtaRun, model_keys=frozenset({"sidecar"})
+    "ota", merge, OtaParams, OtaModelParams, base_model="optional", prepare=_prepare, start_run=OtaRun,
+    model_keys=frozenset({"sidecar"}), validate=_validate,
 )

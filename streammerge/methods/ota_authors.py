@@ -1,0 +1,368 @@
+"""OTA in the authors' own configuration language (their fork pmahdavi/ota-merge, ``merge_methods/ota.py``).
+
+Selected when the models give ``preconditioner_path`` (their name for the second-moment file).
+Per tensor and expert, in their order (v: the expert's exp_avg_sq, approximated first when the
+model asks ``rank1_approx`` or ``rank``, see ``streammerge/preconditioners.py``):
+
+    mᵢ = [vᵢ·τᵢ² ≥ Tᵢ] with a base, [vᵢ ≥ Tᵢ] without   (only for experts with a ``precond_threshold``)
+    Pᵢ = cᵢ·vᵢ^p;  ``normalise: global``: Pᵢ ← Pᵢ / (mean(Pᵢ) + ε)   (mean over the whole tensor)
+    wᵢ = (Pᵢ + ε)·mᵢ                                      (ε added after power and normalisation, then masked)
+    with a base, τᵢ' = τᵢ, or with ``rescale`` sᵢ·mᵢ·τᵢ (sᵢ: hybrid norm of τᵢ over that of mᵢ·τᵢ, 0 when the
+    masked norm is ≤ ``rescale_relative_threshold`` × the original; mask only when the norm is undefined),
+    and by ``masked_task_vector_merge_method``:
+        precond: θ = θ₀ + Σ wᵢτᵢ' / Σ wᵢ
+        linear:  θ = θ₀ + Σ τᵢ' / N                     (τᵢ' unmasked unless ``rescale``: their code)
+        ties:    θ = θ₀ + Σ [sign τᵢ' = σ]·τᵢ' / N,  σ = sign Σ τᵢ' (0 → +)
+    without a base: θ = Σ wᵢθᵢ / Σ wᵢ
+    with any threshold, entries with Σ wᵢ ≤ N·ε·1.1 ("fully masked", their test) take θ₀
+    (``fallback_to_base`` and a base) or the experts' plain mean.
+
+Their defaults: ε = 1e-8, power 0.5 (> 0), ``fallback_to_base`` false, a missing second moment is an
+error; ``weight`` is accepted and ignored (logged). Hybrid norms (their ``_calculate_hybrid_norm``):
+``model.embed_tokens.weight``/``lm_head.weight``: ℓ1→RMS = max column 2-norm / √d_out; other 2-D:
+RMS→RMS = √(d_in/d_out)·σ_max (exact, or 10 power-iteration steps with ``approximate_norm``, here
+from a start vector seeded by the config seed and tensor name, so runs repeat); 1-D: RMS.
+
+Whole-tensor statistics (the ``global`` mean, the rescale factors) come from ``prepare``: the mean is
+summed in fp64 over fixed 2¹⁶-element blocks aligned to the tensor start (``BlockSum``), so it does not
+depend on chunking; each rescale factor
+is computed from the whole task vector of one expert at a time (one fp32 tensor plus its mask).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from .base import SECOND_MOMENT, ChunkInputs
+from .ota import (
+    SMALLEST_SUBNORMAL,
+    OtaModelParams,
+    OtaParams,
+    OtaRun,
+    _correction,
+    _count_ones,
+    _linear_merge,
+    _second_moment,
+    saliency,
+)
+
+log = logging.getLogger(__name__)
+
+BLOCK = 1 << 16  # fixed block (elements) of fp64 partial sums, aligned to the tensor's start
+POWER_ITERATIONS = 10  # their _approximate_spectral_norm
+L1_RMS_NAMES = ("lm_head.weight", "model.embed_tokens.weight")  # their exact names for the ℓ1→RMS norm
+AUTHORS_GLOBAL = {"normalise": "none", "rescale": False, "approximate_norm": False,
+                  "rescale_relative_threshold": 1e-6, "masked_task_vector_merge_method": "precond",
+                  "ties_density": None}
+AUTHORS_MODEL = {"precond_threshold": None, "rank1_approx": False, "rank": None, "weight": None}
+
+
+def uses_authors_language(inputs: ChunkInputs) -> bool:
+    return any(e.params.preconditioner_path is not None for e in inputs.experts)
+
+
+def validate(params: OtaParams, model_params: list[OtaModelParams]) -> None:
+    """Refuse what one language gives that the other does not use (raises ValueError)."""
+    authors = [mp.preconditioner_path is not None for mp in model_params]
+    if not any(authors):
+        for key, default in AUTHORS_GLOBAL.items():
+            if getattr(params, key) != default:
+                raise ValueError(f"ota: {key} belongs to the OTA authors' language: give each model's second "
+                                 "moments as parameters.preconditioner_path, or drop it")
+        for mp in model_params:
+            for key, default in AUTHORS_MODEL.items():
+                if getattr(mp, key) != default:
+                    raise ValueError(f"ota: per-model {key} belongs to the OTA authors' language: give each "
+                                     "model's second moments as parameters.preconditioner_path, or drop it")
+        return
+    if not all(authors):
+        raise ValueError("ota: every model needs parameters.preconditioner_path once one has it")
+    if params.power <= 0:
+        raise ValueError(f"ota: power must be > 0 with preconditioner_path (as the authors' code), got {params.power}")
+    if params.ties_density is not None:
+        raise ValueError("ota: ties_density (TIES trimming inside OTA) is not supported yet; drop it")
+    if any(mp.weight is not None for mp in model_params):
+        log.warning("ota: per-model weight is ignored with preconditioner_path, as in the authors' code")
+
+
+# --- hybrid norms (their _calculate_hybrid_norm), on a whole fp32 tensor -------------------------------
+
+
+def _spectral_norm(w: torch.Tensor, approximate: bool, generator: torch.Generator) -> torch.Tensor:
+    if not approximate:
+        return torch.linalg.norm(w, ord=2)
+    d_in = w.shape[1]
+    v = torch.randn(d_in, generator=generator, dtype=w.dtype)
+    v = v / torch.linalg.norm(v)
+    for _ in range(POWER_ITERATIONS):
+        v = w.T @ (w @ v)
+        n = torch.linalg.norm(v)
+        if n == 0:
+            return torch.tensor(0.0)
+        v = v / n
+    return torch.linalg.norm(w @ v)
+
+
+def hybrid_norm(t: torch.Tensor, name: str, approximate: bool = False, seed: int = 0) -> float:
+    """Their hybrid operator norm of ``t`` (fp32, full shape); NaN where they give none (0-D, 3-D+)."""
+    if t.numel() == 0:
+        return 0.0
+    if name in L1_RMS_NAMES:
+        if t.ndim != 2:
+            return float("nan")
+        return float((1 / torch.sqrt(torch.tensor(t.shape[0]))) * torch.linalg.norm(t, ord=2, dim=0).max())
+    if t.ndim == 2:
+        d_out, d_in = t.shape
+        g = torch.Generator().manual_seed(seed)
+        return float(torch.sqrt(torch.tensor(d_in / d_out)) * _spectral_norm(t, approximate, g))
+    if t.ndim == 1:
+        return float(torch.sqrt(torch.mean(t.pow(2))))
+    return float("nan")
+
+
+def rescale_factor(original: float, masked: float, relative_threshold: float) -> float | None:
+    """sᵢ for a masked task vector: orig/masked, 0 below the relative threshold, None (mask only) if undefined."""
+    if math.isnan(original):
+        return None
+    if not math.isnan(masked) and masked > original * relative_threshold:
+        return original / masked
+    return 0.0
+
+
+# --- per-tensor statistics ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuthorsTensorState:
+    scales: list[float] | None  # normalise: global: cᵢ / (mean(cᵢ·vᵢ^p) + ε), the folded scaling factor
+    rescale: list[float | None] | None  # rescale: sᵢ per expert (None: mask only)
+
+
+def _resolved(inputs: ChunkInputs) -> OtaParams:
+    return inputs.params.resolved(authors=True)
+
+
+def _masks_thresholds(inputs: ChunkInputs, run: OtaRun | None) -> list[float | None]:
+    out = []
+    for i, e in enumerate(inputs.experts):
+        mp = e.params
+        t = mp.precond_threshold if mp.precond_threshold is not None else mp.threshold
+        if t is None and mp.density is not None:
+            if run is None or run.thresholds is None:
+                raise ConfigError(f"ota: expert #{i} has a density but no calibration ran")
+            t = run.thresholds[i]
+        out.append(t)
+    return out
+
+
+def _keep(inputs: ChunkInputs, v: torch.Tensor, x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """mᵢ as 1.0/0.0 fp32: Fisher form with a base, raw v without."""
+    if inputs.base is not None:
+        return saliency(v, x).ge_(threshold)
+    return v.ge(threshold).to(torch.float32)
+
+
+class BlockSum:
+    """Σ of a tensor fed chunk by chunk, in order: fp64 sums of fixed ``BLOCK``-element blocks aligned to the
+    tensor's start (a block split across chunks is completed before it is summed), added in block order,
+    so the total does not depend on where the chunks begin and end."""
+
+    def __init__(self):
+        self.total, self._pending = 0.0, None  # the started block's leading values
+
+    def add(self, start: int, x: torch.Tensor) -> None:
+        flat = x.reshape(-1)
+        if self._pending is not None:
+            flat = torch.cat([self._pending, flat])
+            start -= self._pending.numel()
+            self._pending = None
+        head = (-start) % BLOCK  # values before the next block boundary: only when start is mid-block
+        if head:
+            raise ValueError("BlockSum: chunks must be fed in order from the tensor's start")
+        full = flat.numel() // BLOCK * BLOCK
+        for block in torch.split(flat[:full], BLOCK):
+            self.total += float(block.sum(dtype=torch.float64))
+        if full < flat.numel():
+            self._pending = flat[full:].clone()
+
+    def finish(self) -> float:
+        if self._pending is not None:
+            self.total += float(self._pending.sum(dtype=torch.float64))
+            self._pending = None
+        return self.total
+
+
+def _needs_statistics(params: OtaParams, model_params: list[OtaModelParams]) -> bool:
+    authors = any(mp.preconditioner_path is not None for mp in model_params)
+    return authors and (params.normalise.lower() == "global" or params.rescale)
+
+
+def prepare(chunks) -> AuthorsTensorState | None:
+    """Whole-tensor statistics the authors' language needs (see the module docstring), or None."""
+    known = getattr(chunks, "model_params", None), getattr(chunks, "params", None)
+    if known[0] is not None and known[1] is not None and not _needs_statistics(known[1], known[0]):
+        return None  # decided from the parameters, without reading a chunk
+    first = next(iter(chunks()), None)
+    if first is None or not uses_authors_language(first):
+        return None
+    p, base_known = _resolved(first), first.base is not None
+    run = first.run if isinstance(first.run, OtaRun) else None
+    n_experts, shape, name, seed = len(first.experts), first.shape, first.tensor, first.seed
+    factors = [e.params.scaling_factor for e in first.experts]
+    if any(SECOND_MOMENT not in e.aux for e in first.experts):
+        return None  # merged linearly (missing_second_moment: linear)
+    del first
+    scales = rescale = None
+    numel = math.prod(shape)
+    if p.normalise.lower() == "global" and numel:
+        sums = [BlockSum() for _ in range(n_experts)]
+        for inputs in chunks():
+            for i, e in enumerate(inputs.experts):
+                moment = _second_moment(inputs, i)
+                correction = _correction(inputs, i) if p.bias_correction else 1.0
+                v = moment.v() if moment.rank1 is None else None
+                pw = moment.weight(v, e.params.scaling_factor, p.power, 0.0, correction)
+                sums[i].add(inputs.start, pw)
+                del pw, v, moment
+            del inputs
+        mean = [float(torch.tensor(s.finish() / numel, dtype=torch.float32)) for s in sums]
+        scales = [c / (m + p.epsilon) for c, m in zip(factors, mean, strict=True)]
+    if p.rescale and base_known:
+        seed32 = zlib.crc32(f"{seed}:{name}".encode())
+        rescale = [_rescale_one(chunks, i, shape, name, p, run, seed32) for i in range(n_experts)]
+    return AuthorsTensorState(scales, rescale) if scales is not None or rescale is not None else None
+
+
+def _rescale_one(chunks, i: int, shape, name: str, p: OtaParams, run: OtaRun | None, seed: int) -> float | None:
+    """sᵢ for expert i: its whole task vector (and mask) gathered chunk by chunk, one expert at a time."""
+    numel = math.prod(shape)
+    tv = torch.empty(numel, dtype=torch.float32)
+    mask = None
+    for inputs in chunks():
+        x = inputs.experts[i].delta(inputs.base)
+        lo, hi = inputs.start, inputs.start + x.numel()
+        tv[lo:hi] = x.reshape(-1)
+        t = _masks_thresholds(inputs, run)[i]
+        if t is not None:
+            if mask is None:
+                mask = torch.ones(numel, dtype=torch.float32)
+            v = _second_moment(inputs, i).v().view(x.shape)
+            mask[lo:hi] = _keep(inputs, v, x, t).reshape(-1)
+            del v
+        del x, inputs
+    tv = tv.view(shape)
+    original = hybrid_norm(tv, name, p.approximate_norm, seed)
+    if math.isnan(original) or mask is None:
+        return None if math.isnan(original) else 1.0
+    tv.mul_(mask.view(shape))
+    del mask
+    return rescale_factor(original, hybrid_norm(tv, name, p.approximate_norm, seed), p.rescale_relative_threshold)
+
+
+# --- the chunk-level merge ------------------------------------------------------------------------------
+
+
+def merge(inputs: ChunkInputs) -> torch.Tensor:
+    """The authors' OTA for one chunk (see the module docstring). fp32 in, fp32 out, the chunk's shape."""
+    p, base, experts = _resolved(inputs), inputs.base, inputs.experts
+    run = inputs.run if isinstance(inputs.run, OtaRun) else None
+    state = inputs.state if isinstance(inputs.state, AuthorsTensorState) else None
+    if not experts:
+        if base is None:
+            raise ConfigError(f"ota: no models to merge for {inputs.tensor}")
+        return base.clone()
+    thresholds = _masks_thresholds(inputs, run)
+    active = any(t is not None for t in thresholds)
+    mode = p.masked_task_vector_merge_method if base is not None else "precond"
+    n = len(experts)
+    need_theta = active and not (p.fallback_to_base and base is not None)
+    num = den = acc = theta = None
+    vectors: list[torch.Tensor] = []
+    counts = []
+    for i, e in enumerate(experts):
+        moment = _second_moment(inputs, i)
+        if moment is None:
+            return _missing(inputs, p, i)
+        x = e.delta(base) if base is not None else e.load()
+        if need_theta:
+            th = x if base is None else e.load()
+            theta = th.clone() if theta is None else theta.add_(th)
+            del th
+        t = thresholds[i]
+        v = moment.v().view(x.shape) if t is not None or moment.rank1 is None else None
+        keep = None
+        if t is not None:
+            keep = _keep(inputs, v, x, t)
+            counts.append((i, _count_ones(keep), keep.numel()))
+        scale = state.scales[i] if state is not None and state.scales is not None else e.params.scaling_factor
+        correction = _correction(inputs, i) if p.bias_correction else 1.0
+        w = moment.weight(v, scale, p.power, p.epsilon, correction).view(x.shape)
+        del v, moment
+        if keep is not None:
+            w.mul_(keep)
+        if base is not None and p.rescale:
+            s = state.rescale[i] if state is not None and state.rescale is not None else None
+            if keep is not None:
+                x.mul_(keep)
+            if s is not None and s != 1.0:
+                x.mul_(s)
+        del keep
+        if mode == "precond":
+            num = w.mul(x) if num is None else num.addcmul_(w, x)
+        elif mode == "linear":
+            acc = x if acc is None else acc.add_(x)
+        else:
+            vectors.append(x)
+        den = w if den is None else den.add_(w)
+        del w, x
+    fully = den <= n * p.epsilon * 1.1 if active else None
+    if mode == "precond":
+        merged = num.div_(den.clamp_(min=SMALLEST_SUBNORMAL) if active else den)
+    elif mode == "linear":
+        merged = acc.div_(n)
+    else:
+        merged = _ties(vectors).div_(n)
+    if base is not None:
+        merged = merged.add_(base)
+    if fully is not None:
+        n_fully = int(torch.count_nonzero(fully))
+        if n_fully:
+            fallback = base if p.fallback_to_base and base is not None else theta.div_(n)
+            merged = torch.where(fully, fallback, merged)
+        if run is not None:
+            run.all_masked += n_fully
+    if run is not None:
+        for i, kept, seen in counts:
+            run.kept[i] += kept
+            run.seen[i] += seen
+    return merged
+
+
+def _ties(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ [sign τᵢ = σ]·τᵢ with σ = sign Σ τᵢ (0 → +), the authors' sign election (no trimming)."""
+    total = vectors[0].clone()
+    for x in vectors[1:]:
+        total += x
+    sign = torch.sign(total)
+    sign[sign == 0] = 1
+    out = torch.zeros_like(total)
+    for x in vectors:
+        out += x * (torch.sign(x) == sign)
+    return out
+
+
+def _missing(inputs: ChunkInputs, p: OtaParams, i: int) -> torch.Tensor:
+    if p.missing_second_moment == "error":
+        raise ConfigError(f"ota: no second moment for {inputs.tensor} in expert #{i}'s preconditioner_path "
+                          "(set missing_second_moment: linear to merge such tensors linearly)")
+    run = inputs.run if isinstance(inputs.run, OtaRun) else None
+    if run is not None and inputs.tensor not in run.missing:
+        run.missing[inputs.tensor] = [i]
+        log.warning("ota: %s: no second moment for expert #%d; merged linearly by scaling_factor", inputs.tensor, i)
+    return _linear_merge(inputs)
