@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .config import LAYER_RE, MergeConfig, same_path
+from .config import LAYER_RE, MergeConfig, ModelEntry
 from .errors import PlanError
-from .experts import AdapterExpert, is_adapter
+from .experts import AdapterAppliedModel, AdapterExpert, is_adapter
 from .io.hf_files import COPIED_FILES
 from .io.peft_adapters import open_adapter
 from .io.reader import Checkpoint, TensorMeta, check_model_file, open_checkpoint
@@ -163,9 +163,9 @@ def _check_unused_base(config: MergeConfig, experts: list) -> None:
     PEFT adapter experts are the exception: their weights are views of the base."""
     if config.method.base_model != "unused" or config.base_model is None:
         return
-    if any(isinstance(e, AdapterExpert) for e in experts):
+    if any(isinstance(e, AdapterExpert) and not isinstance(e, AdapterAppliedModel) for e in experts):
         return
-    if any(same_path(m.path, config.base_model) for m in config.models):
+    if any(config.is_base(m) for m in config.models):
         return
     raise PlanError(
         f"base_model {config.base_model}: merge_method {config.method.name} does not use a base model, and it is not "
@@ -189,14 +189,28 @@ def make_plan(
             opened[key] = open_checkpoint(path)
         return opened[key]
 
-    def expert(path: Path) -> Checkpoint:
+    def applied(model: Path, lora: Path) -> Checkpoint:
+        """mergekit's MODEL+ADAPTER: the adapter applied to that model, seen as a full model."""
+        key = ("applied", model.resolve(), lora.resolve())
+        if key not in opened:
+            model_ckpt = get(model)
+            opened[key] = AdapterAppliedModel(model_ckpt, open_adapter(lora, model_ckpt))
+        return opened[key]
+
+    def base_view() -> Checkpoint:
+        return applied(config.base_model, config.base_lora) if config.base_lora else get(config.base_model)
+
+    def expert(entry: ModelEntry) -> Checkpoint:
+        path = entry.path
+        if entry.lora is not None:
+            return applied(path, entry.lora)
         if not is_adapter(path):
             return get(path)
         if config.base_model is None:
             raise PlanError(f"{path}: is a PEFT adapter; set base_model: to the model it was trained on")
         key = ("adapter", path.resolve())
         if key not in opened:
-            base_ckpt = get(config.base_model)
+            base_ckpt = base_view()
             opened[key] = AdapterExpert(base_ckpt, open_adapter(path, base_ckpt))
         return opened[key]
 
@@ -204,12 +218,12 @@ def make_plan(
         if config.base_model is not None and is_adapter(config.base_model):
             raise PlanError(
                 f"base_model {config.base_model}: is a PEFT adapter; base_model must be the full model "
-                "the adapters were trained on"
+                "the adapters were trained on (or MODEL+ADAPTER, mergekit's syntax for the adapter applied to MODEL)"
             )
-        base = get(config.base_model) if config.base_model and config.method.base_model != "unused" else None
-        experts = [expert(m.path) for m in config.experts]
+        base = base_view() if config.base_model and config.method.base_model != "unused" else None
+        experts = [expert(m) for m in config.experts]
         _check_unused_base(config, experts)
-        reference = get(config.base_model) if config.base_model else experts[0]
+        reference = base_view() if config.base_model else experts[0]
         check_files_outside_output(out_dir, list(opened.values()))
         for name in ("config.json", *COPIED_FILES):  # copied into OUT_DIR after the merge: check them now
             check_model_file(reference.folder, name)
