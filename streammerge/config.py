@@ -37,6 +37,7 @@ import yaml
 from .errors import ConfigError, StreamMergeError
 from .io import hub
 from .methods import METHODS, MergeMethod
+from .vocabulary import TokenizerSpec, parse_tokenizer
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -47,10 +48,9 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 UNSUPPORTED_KEYS = {
     "slices": "layer slicing (slices:) is not supported yet; use models:",
     "modules": "per-module configs (modules:) are not supported yet; use models:",
-    "tokenizer": "tokenizer merging (tokenizer:) is not supported; the base model's tokenizer is copied",
 }
 KNOWN_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed",
-              "tokenizer_source", "chat_template", "name"}
+              "tokenizer_source", "tokenizer", "chat_template", "name"}
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -73,6 +73,7 @@ class MergeConfig:
     seed: int
     source: str  # the YAML text, for the model card and the plan fingerprint
     base_lora: Path | None = None  # ``base_model: model+adapter``
+    tokenizer: TokenizerSpec | None = None  # tokenizer_source / tokenizer: (vocabularies merged, as mergekit)
 
     @property
     def inputs(self) -> list[Path]:
@@ -131,9 +132,7 @@ def parse_config(text: str, root: Path | None = None, where: str = "config") -> 
     if name not in METHODS:
         raise ConfigError(f"{where}: unknown merge_method {name!r} (available: {', '.join(METHODS)})")
     method = METHODS[name]
-    src = raw.get("tokenizer_source")
-    if src not in (None, "base"):
-        raise ConfigError(f"{where}: tokenizer_source {src!r} is not supported; only 'base' (the default)")
+    tokenizer = parse_tokenizer(raw, lambda value, key: _resolve_path(value, root, where, key), where)
     base, base_lora = _resolve_model(raw["base_model"], root, where, "base_model") if raw.get("base_model") else (
         None, None)
     if method.base_model == "required" and base is None:
@@ -154,6 +153,7 @@ def parse_config(text: str, root: Path | None = None, where: str = "config") -> 
         seed=_seed(raw.get("seed", 0), where),
         source=text,
         base_lora=base_lora,
+        tokenizer=tokenizer,
     )
     _check_parameter_names(cfg, where)
     return cfg

@@ -25,6 +25,8 @@ from .io.writer import OutputTensor, ShardPlan, plan_shards
 from .second_moments import describe as describe_second_moments
 from .second_moments import open_second_moments
 from .sidecar import SecondMoments
+from .vocabulary import VocabularyPlan, VocabularyView
+from .vocabulary import build_plan as build_vocabulary_plan
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 per buffer; a multiple of dare.RNG_BLOCK
@@ -67,6 +69,7 @@ class MergePlan:
     chunk_elements: int
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     second_moments: list[SecondMoments | None] = field(default_factory=list)  # per expert (OTA sidecars)
+    vocabulary: VocabularyPlan | None = None  # tokenizer_source / tokenizer: the merged vocabulary
 
     @property
     def output_bytes(self) -> int:
@@ -174,6 +177,19 @@ def _check_unused_base(config: MergeConfig, experts: list) -> None:
     )
 
 
+def _vocabulary_views(config: MergeConfig, base, experts, reference, base_model):
+    """Every model seen through the merged vocabulary (``vocabulary.py``): base first, then ``models:``."""
+    models, paths = [], []
+    for ckpt, path in [(base_model, config.base_model), *zip(experts, [m.path for m in config.experts], strict=True)]:
+        if ckpt is not None and all(ckpt is not c for c in models):
+            models.append(ckpt)
+            paths.append(path)
+    plan = build_vocabulary_plan(config.tokenizer, models, paths, 0 if base_model is not None else None)
+    views = {id(c): VocabularyView(c, plan, i) for i, c in enumerate(models)}
+    return (views[id(base)] if base is not None else None, [views[id(e)] for e in experts], views[id(reference)],
+            plan)
+
+
 def make_plan(
     config: MergeConfig,
     out_dir: Path,
@@ -224,6 +240,10 @@ def make_plan(
         experts = [expert(m) for m in config.experts]
         _check_unused_base(config, experts)
         reference = base_view() if config.base_model else experts[0]
+        vocabulary = None
+        if config.tokenizer is not None:
+            base, experts, reference, vocabulary = _vocabulary_views(config, base, experts, reference,
+                                                                     base_view() if config.base_model else None)
         check_files_outside_output(out_dir, list(opened.values()))
         for name in ("config.json", *COPIED_FILES):  # copied into OUT_DIR after the merge: check them now
             check_model_file(reference.folder, name)
@@ -257,6 +277,7 @@ def make_plan(
         chunk_elements=chunk_elements,
         max_shard_bytes=max_shard_bytes,
         second_moments=sidecars,
+        vocabulary=vocabulary,
     )
 
 
