@@ -35,6 +35,9 @@ def wants_adapter_output(plan) -> bool:
 
 
 def _adapters(plan) -> list[OftAdapter]:
+    if plan.vocabulary is not None:
+        raise ConfigError("orthomerge: output: adapter keeps base_model's vocabulary; tokenizer_source / tokenizer: "
+                          "need output: model")
     if plan.config.base_lora is not None:
         raise ConfigError("orthomerge: output: adapter writes an adapter for base_model itself; base_model "
                           "MODEL+ADAPTER has no such file to load it onto; use output: model")

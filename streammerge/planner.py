@@ -98,6 +98,7 @@ class MergePlan:
         files += [self.reference.folder / name for name in ("config.json", *COPIED_FILES)
                   if (self.reference.folder / name).is_file()]
         files += [sc.path for sc in self.second_moments if sc is not None]
+        files += self.vocabulary.files if self.vocabulary is not None else []
         return files
 
     def close(self) -> None:
@@ -287,13 +288,14 @@ def describe_plan(plan: MergePlan) -> list[str]:
     dtypes = sorted({str(t.out.dtype).replace("torch.", "") for t in plan.tensors})
     lines = [
         f"method      {cfg.method.name}",
-        f"base        {cfg.base_model or '-'}",
-        *[f"expert      {e.path}" for e in cfg.experts],
+        f"base        {cfg.base_model or '-'}{'+' + str(cfg.base_lora) if cfg.base_lora else ''}",
+        *[f"expert      {e.path}{'+' + str(e.lora) if e.lora else ''}" for e in cfg.experts],
         *(
             describe_second_moments(cfg, [t.out for t in plan.tensors if t.merged], plan.second_moments)
             if any(sc is not None for sc in plan.second_moments)
             else []
         ),
+        *([f"vocabulary  {plan.vocabulary.describe()}"] if plan.vocabulary is not None else []),
         f"tensors     {len(plan.tensors)} ({sum(not t.merged for t in plan.tensors)} copied), "
         f"{plan.num_layers} layers, out dtype {', '.join(dtypes)}",
         f"output      {fmt_bytes(plan.output_bytes)} in {len(plan.shards)} shard(s) -> {plan.out_dir}",

@@ -147,7 +147,17 @@ class VocabularyPlan:
     forced: torch.Tensor  # bool [tokens]
     defaults: dict[int, tuple]  # token id -> ("rows", [(model, row), ...]) mean of those rows | ("zero",)
     models: list[Checkpoint]  # the raw checkpoints, in the order above
+    files: list[Path] = field(default_factory=list)  # tokenizer and config files read (the resume fingerprint)
+    spec: TokenizerSpec | None = None
     _cache: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for ``--dry-run``."""
+        src = self.spec.source if self.spec is not None else "?"
+        missing = sum(int((p < 0).sum()) for p in self.perms)
+        pad = f" + {self.size - self.tokens} padding rows" if self.size > self.tokens else ""
+        return (f"{self.tokens} tokens{pad} (tokenizer_source {src}); {len(self.defaults)} tokens filled by "
+                f"default rules, {missing} rows missing across {len(self.models)} models")
 
     def default_rows(self, name: str, t0: int, t1: int, rest: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """Default rows of tokens in [t0, t1) for tensor ``name``, fp32; shared by every model's view."""
@@ -259,7 +269,9 @@ def build_plan(spec: TokenizerSpec, models: list[Checkpoint], paths: list[Path],
         if not cfg.force and bool(has.all()):
             continue
         defaults[t] = _configured_default(tok, t, cfg, index, perms, orig_vocabs, models)
-    return VocabularyPlan(out, source, ntok, size, perms, forced, defaults, models)
+    files = [f for mt in [*toks, source] for f in (mt.folder / tf.TOKENIZER_FILE, mt.folder / tf.TOKENIZER_CONFIG,
+                                                    mt.folder / "config.json") if f.is_file()]
+    return VocabularyPlan(out, source, ntok, size, perms, forced, defaults, models, sorted(set(files)), spec)
 
 
 def _configured_default(tok, t, cfg: TokenSource, index, perms, orig_vocabs, models) -> tuple:
@@ -325,15 +337,16 @@ class VocabularyView(Checkpoint):
         out = torch.zeros((r1 - r0, *rest), dtype=torch.float32)
         t1 = min(r1, plan.tokens)
         if r0 < t1:
-            src = plan.perms[self.index][r0:t1]
-            own = (src >= 0) & ~plan.forced[r0:t1]
+            src_t = plan.perms[self.index][r0:t1]
+            own = (src_t >= 0) & ~plan.forced[r0:t1]
+            src = src_t.tolist()
             i = 0
             idx = own.nonzero().reshape(-1).tolist()
             while i < len(idx):  # runs of consecutive source rows: one read each
                 j = i
                 while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1 and src[idx[j + 1]] == src[idx[j]] + 1:
                     j += 1
-                s, n = int(src[idx[i]]), j - i + 1
+                s, n = src[idx[i]], j - i + 1
                 block = self.inner.read(name, s * width, n * width).to(torch.float32)
                 out[idx[i]: idx[i] + n] = block.reshape(n, *rest)
                 i = j + 1

@@ -225,3 +225,43 @@ def test_bad_tokenizer_configs_are_one_line(tmp_path, extra, needle):
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert needle in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_vocabulary_rows_are_read_a_row_block_at_a_time(tmp_path):
+    """A read of a few rows reads only runs of those rows (and the default rules' single rows) from the models,
+    never a whole vocabulary tensor; the padding mean reads fixed blocks once per model and tensor."""
+    from streammerge.planner import make_plan
+
+    cfg = streammerge.config.parse_config(__import__("yaml").safe_dump(CASES["block_tokens_pad"]))
+    plan = make_plan(cfg, tmp_path / "x")
+    try:
+        counts = []
+        for raw in plan.vocabulary.models:
+            read = raw.read
+
+            def spy(name, start=0, count=None, read=read):
+                counts.append(count)
+                return read(name, start, count)
+
+            raw.read = spy
+        width = 16
+        for view in plan.experts:
+            counts.clear()
+            view.read("lm_head.weight", 4 * width, 3 * width)  # rows 4..6
+            assert counts and all(c is not None and c <= 3 * width for c in counts), counts
+    finally:
+        plan.close()
+
+
+def test_a_changed_tokenizer_is_not_resumed_over(tmp_path):
+    """The tokenizer files are inputs of the merge: a re-run after one changed refuses to resume."""
+    src = tmp_path / "b"
+    shutil.copytree(TOK["b"], src)
+    cfg = CASES["union"] | {"models": [{"model": TOK["a"], "parameters": {"weight": 0.5}},
+                                       {"model": str(src), "parameters": {"weight": 0.7}}]}
+    streammerge.merge(cfg, tmp_path / "out")
+    data = json.loads((src / "tokenizer.json").read_text())
+    data["added_tokens"][-1]["content"] = "<|other|>"
+    (src / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(streammerge.StreamMergeError, match="tokenizer.json changed"):
+        streammerge.merge(cfg, tmp_path / "out")
