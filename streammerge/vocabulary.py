@@ -21,6 +21,7 @@ result depends on the chunk size. Reads return fp32.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -150,6 +151,7 @@ class VocabularyPlan:
     files: list[Path] = field(default_factory=list)  # tokenizer and config files read (the resume fingerprint)
     spec: TokenizerSpec | None = None
     _cache: dict = field(default_factory=dict)
+    _index: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for ``--dry-run``."""
@@ -164,16 +166,24 @@ class VocabularyPlan:
         key = (name, t0, t1)
         if key not in self._cache:
             self._cache.clear()
+            if "ids" not in self._index:
+                self._index["ids"] = sorted(self.defaults)
+            ids = self._index["ids"]
             out = {}
-            for t, rule in self.defaults.items():
-                if not t0 <= t < t1:
+            for t in ids[bisect.bisect_left(ids, t0): bisect.bisect_left(ids, t1)]:
+                rule = self.defaults[t]
+                if rule[0] == "zero":
+                    if "zero" not in self._index:
+                        self._index["zero"] = torch.zeros(rest, dtype=torch.float32)
+                    out[t] = self._index["zero"]  # only ever copied from
                     continue
-                acc = torch.zeros(rest, dtype=torch.float32)
-                if rule[0] == "rows":
-                    for m, row in rule[1]:
-                        acc = acc + _raw_row(self.models[m], name, row, rest)
-                    acc /= len(rule[1])
-                out[t] = acc
+                if len(rule[1]) == 1:  # a donor's or the base's row, as it is
+                    out[t] = _raw_row(self.models[rule[1][0][0]], name, rule[1][0][1], rest)
+                    continue
+                acc = torch.zeros(rest, dtype=torch.float32)  # 0 + r1 + r2 ...: mergekit's order of additions
+                for m, row in rule[1]:
+                    acc += _raw_row(self.models[m], name, row, rest)
+                out[t] = acc / len(rule[1])
             self._cache[key] = out
         return self._cache[key]
 
@@ -347,8 +357,7 @@ class VocabularyView(Checkpoint):
                 while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1 and src[idx[j + 1]] == src[idx[j]] + 1:
                     j += 1
                 s, n = src[idx[i]], j - i + 1
-                block = self.inner.read(name, s * width, n * width).to(torch.float32)
-                out[idx[i]: idx[i] + n] = block.reshape(n, *rest)
+                out[idx[i]: idx[i] + n].copy_(self.inner.read(name, s * width, n * width).view(n, *rest))
                 i = j + 1
             defaults = plan.default_rows(name, r0, t1, rest)
             for k in (~own).nonzero().reshape(-1).tolist():

@@ -174,21 +174,17 @@ def union(base: ModelTokenizer, others: list[ModelTokenizer]) -> tuple[Any, list
             out_added[info.content] = info
     res = _copy(base.tokenizer)
     base_vocab = base.vocab()
-    for tok in out_vocab:
-        if tok not in out_added and tok not in base_vocab:
-            res.add_tokens([tok])
-    for info in out_added.values():
-        res.add_tokens([info])
+    # mergekit adds them one call at a time; one call with the same list in the same order assigns the same ids
+    # (each new token takes the next id) and avoids rebuilding the backend's added-token matcher per token.
+    res.add_tokens([tok for tok in out_vocab if tok not in out_added and tok not in base_vocab])
+    res.add_tokens(list(out_added.values()))
     return res, warnings
 
 
 def add_tokens(tok: Any, names: list[str]) -> None:
     """The ``tokens:`` names mergekit adds to the output tokenizer (ordinary tokens) where missing."""
     existing = set(tok.get_vocab(with_added_tokens=True))
-    for name in names:
-        if name not in existing:
-            tok.add_tokens([name])
-            existing.add(name)
+    tok.add_tokens([name for name in dict.fromkeys(names) if name not in existing])
 
 
 def write_tokenizer(tok: Any, source: ModelTokenizer, out_dir: Path) -> list[str]:
