@@ -35,7 +35,13 @@ def wants_adapter_output(plan) -> bool:
 
 
 def _adapters(plan) -> list[OftAdapter]:
-    adapters = [e.adapter for e in plan.experts if isinstance(e, AdapterExpert) and isinstance(e.adapter, OftAdapter)]
+    if plan.vocabulary is not None:
+        raise ConfigError("orthomerge: output: adapter keeps base_model's vocabulary; tokenizer_source / tokenizer: "
+                          "need output: model")
+    if plan.config.base_lora is not None:
+        raise ConfigError("orthomerge: output: adapter writes an adapter for base_model itself; base_model "
+                          "MODEL+ADAPTER has no such file to load it onto; use output: model")
+    adapters = [e.adapter for e in plan.experts if isinstance(e, AdapterExpert) and e.kind == "oft"]
     if len(adapters) != len(plan.experts):
         raise ConfigError("orthomerge: output: adapter needs every model to be an OFT adapter (PEFT OFT folders); "
                           "use output: model for full fine-tunes and LoRA adapters")

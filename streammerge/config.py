@@ -37,10 +37,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, StreamMergeError
+from .io import hub
 from .io.paths import regular_file
 from .methods import METHODS, MergeMethod
 from .preconditioner_paths import resolve_preconditioner_path
+from .vocabulary import TokenizerSpec, parse_tokenizer
 
 if TYPE_CHECKING:
     from .slices import Layout
@@ -51,11 +53,9 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float64": torch.float64, "fp64": torch.float64,
 }
-UNSUPPORTED_KEYS = {
-    "tokenizer": "tokenizer merging (tokenizer:) is not supported; the base model's tokenizer is copied",
-}
+UNSUPPORTED_KEYS: dict[str, str] = {}  # keys mergekit reads that streammerge refuses: key -> why
 KNOWN_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype", "seed",
-              "tokenizer_source", "chat_template", "name"}
+              "tokenizer_source", "tokenizer", "chat_template", "name"}
 PRECONDITIONER_KEY = "preconditioner_path"  # OTA authors' per-model parameter naming a file
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -65,6 +65,7 @@ class ModelEntry:
     path: Path
     parameters: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)  # other keys beside model:, e.g. sidecar:
+    lora: Path | None = None  # mergekit's ``model+adapter``: the PEFT adapter applied to ``path``
 
 
 @dataclass(frozen=True)
@@ -78,18 +79,29 @@ class MergeConfig:
     seed: int
     source: str  # the YAML text, for the model card and the plan fingerprint
     layout: Layout | None = None  # slices: / modules: (then ``models`` lists every model they read, once)
+    base_lora: Path | None = None  # ``base_model: model+adapter``
+    tokenizer: TokenizerSpec | None = None  # tokenizer_source / tokenizer: (vocabularies merged, as mergekit)
 
     @property
     def inputs(self) -> list[Path]:
         """Every model path the config names: the base, then ``models:``."""
-        return ([self.base_model] if self.base_model else []) + [m.path for m in self.models]
+        paths = ([self.base_model] if self.base_model else []) + [m.path for m in self.models]
+        return paths + [p for p in (self.base_lora, *(m.lora for m in self.models)) if p is not None]
 
     @property
     def experts(self) -> list[ModelEntry]:
         """The ``models:`` entries the method merges (task-vector methods skip the base, as mergekit)."""
         if self.method.base_model == "unused" or self.base_model is None:
             return list(self.models)
-        return [m for m in self.models if not same_path(m.path, self.base_model)]
+        return [m for m in self.models if not self.is_base(m)]
+
+    def is_base(self, entry: ModelEntry) -> bool:
+        """Whether a ``models:`` entry names the base model itself (adapter included, as mergekit compares)."""
+        if self.base_model is None or not same_path(entry.path, self.base_model):
+            return False
+        if (entry.lora is None) != (self.base_lora is None):
+            return False
+        return entry.lora is None or same_path(entry.lora, self.base_lora)
 
 
 def same_path(a: Path, b: Path) -> bool:
@@ -127,10 +139,9 @@ def parse_config(text: str, root: Path | None = None, where: str = "config") -> 
     if name not in METHODS:
         raise ConfigError(f"{where}: unknown merge_method {name!r} (available: {', '.join(METHODS)})")
     method = METHODS[name]
-    src = raw.get("tokenizer_source")
-    if src not in (None, "base"):
-        raise ConfigError(f"{where}: tokenizer_source {src!r} is not supported; only 'base' (the default)")
-    base = _resolve_path(raw["base_model"], root, where, "base_model") if raw.get("base_model") else None
+    tokenizer = parse_tokenizer(raw, lambda value, key: _resolve_path(value, root, where, key), where)
+    base, base_lora = _resolve_model(raw["base_model"], root, where, "base_model") if raw.get("base_model") else (
+        None, None)
     from .slices import check_layout_parameters, layout_models, parse_layout  # slices imports this module
 
     layout = parse_layout(raw, root, where, method)
@@ -159,6 +170,8 @@ def parse_config(text: str, root: Path | None = None, where: str = "config") -> 
         seed=_seed(raw.get("seed", 0), where),
         source=text,
         layout=layout,
+        base_lora=base_lora,
+        tokenizer=tokenizer,
     )
     if layout is not None:  # parameters resolve per slice; missing required ones are found while planning
         check_layout_parameters(layout, params, method, where)
@@ -189,20 +202,53 @@ def _yaml_mark(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "see the file"
 
 
-def _resolve_path(value: object, root: Path | None, where: str, key: str) -> Path:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: {key} must be a path, got {value!r}")
-    if "+" in value and not Path(value).exists():
-        raise ConfigError(f"{where}: {key} {value!r}: mergekit's model+lora syntax is not supported")
+def _local_path(value: str, root: Path | None) -> Path | None:
+    """``value`` as an existing local path (relative to the working directory, else to the config's folder)."""
     p = Path(value).expanduser()
     if not p.exists() and root is not None and not p.is_absolute() and (root / p).exists():
         p = root / p
-    if not p.exists():
-        raise ConfigError(
-            f"{where}: {key} {value!r} does not exist; streammerge reads local checkpoints only "
-            f"(download hub models first, e.g. with `huggingface-cli download`)"
-        )
-    return p
+    return p if p.exists() else None
+
+
+def _resolve_path(value: object, root: Path | None, where: str, key: str, models: bool = True) -> Path:
+    """A local path, else (``models``) a hub model id ``org/name[@revision]`` resolved to its cached snapshot
+    folder. A local path of that name always wins over the hub."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: {key} must be a path, got {value!r}")
+    p = _local_path(value, root)
+    if p is not None:
+        return p
+    if not models:
+        raise ConfigError(f"{where}: {key} {value!r} does not exist")
+    if hub.is_repo_id(value):
+        try:
+            return hub.resolve_model(value)
+        except StreamMergeError as e:
+            raise ConfigError(f"{where}: {key}: {e}") from e
+    raise ConfigError(
+        f"{where}: {key} {value!r} does not exist; give a local checkpoint folder or file, or a hub model id "
+        f"org/name[@revision]"
+    )
+
+
+def _resolve_model(value: object, root: Path | None, where: str, key: str) -> tuple[Path, Path | None]:
+    """A model path, or mergekit's ``model+adapter`` (split at its one ``+`` unless the whole name exists
+    locally): ``(model, adapter or None)``."""
+    if isinstance(value, str) and "+" in value and _local_path(value, root) is None:
+        parts = value.split("+")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                f"{where}: {key} {value!r}: expected mergekit's MODEL+ADAPTER with exactly one '+' (or a local path)"
+            )
+        model = _resolve_path(parts[0], root, where, key)
+        adapter = _resolve_path(parts[1], root, where, f"{key} (adapter after '+')")
+        if not (adapter / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"{where}: {key} {value!r}: {adapter} is not a PEFT adapter folder (no adapter_config.json); "
+                f"MODEL+ADAPTER applies a PEFT adapter to MODEL"
+            )
+        return model, adapter
+    return _resolve_path(value, root, where, key), None
 
 
 def _model_entry(raw: object, i: int, root: Path | None, where: str, method: MergeMethod) -> ModelEntry:
@@ -220,13 +266,14 @@ def _model_entry(raw: object, i: int, root: Path | None, where: str, method: Mer
         if key not in method.model_keys:
             allowed = ", ".join(["model", "parameters", *sorted(method.model_keys)])
             raise ConfigError(f"{where}: models[{i}]: unknown key {key!r} for {method.name} (allowed: {allowed})")
-        extra[key] = _resolve_path(value, root, where, f"models[{i}].{key}")  # model_keys are file paths
+        extra[key] = _resolve_path(value, root, where, f"models[{i}].{key}", models=False)  # local file paths
     if PRECONDITIONER_KEY in params and _takes(method, PRECONDITIONER_KEY):
         # the OTA authors' per-model second-moment file: a path (or hub file), resolved like model paths
         extra[PRECONDITIONER_KEY] = resolve_preconditioner_path(
             params[PRECONDITIONER_KEY], root, where, f"models[{i}].parameters.{PRECONDITIONER_KEY}"
         )
-    return ModelEntry(_resolve_path(raw["model"], root, where, f"models[{i}].model"), params, extra)
+    path, lora = _resolve_model(raw["model"], root, where, f"models[{i}].model")
+    return ModelEntry(path, params, extra, lora)
 
 
 def _takes(method: MergeMethod, key: str) -> bool:

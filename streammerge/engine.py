@@ -32,6 +32,7 @@ from .errors import CheckpointError, StreamMergeError
 from .io.hf_files import write_model_card, write_model_files
 from .io.journal import Journal
 from .io.reader import Checkpoint
+from .io.tokenizer_files import write_tokenizer
 from .io.writer import ShardWriter
 from .memory import release_free_memory
 from .methods.base import (
@@ -342,8 +343,11 @@ def run_merge(plan: MergePlan, options: MergeOptions | None = None, progress: Pr
         run = _start_run(plan, options, done, progress)
         with ShardWriter(plan.out_dir, plan.shards, done) as writer:
             computed = _merge_all(plan, options, writer, claim.journal, progress, run)
+            vocab = plan.vocabulary
             write_model_files(plan.reference.folder, plan.out_dir, plan.config.out_dtype or plan.config.dtype,
-                              plan.config_updates)
+                              plan.config_updates, vocab.size if vocab is not None else None)
+            if vocab is not None:
+                write_tokenizer(vocab.tokenizer, vocab.source, plan.out_dir)
             inputs = [str(p) for p in plan.config.inputs]
             write_model_card(plan.out_dir, plan.config.source, plan.config.method.name, inputs)
             writer.finalize()

@@ -114,3 +114,27 @@ class AdapterExpert(Checkpoint):
 
 def is_adapter(path: Path) -> bool:
     return is_adapter_folder(path)
+
+
+class AdapterAppliedModel(AdapterExpert):
+    """mergekit's ``MODEL+ADAPTER``: ``model`` with the adapter merged in, seen as a plain full model.
+
+    mergekit merges the adapter into the model with PEFT (``merge_and_unload``) and then treats the
+    result as an ordinary model; so does this view (``kind`` "model", no adapter-specific inputs), row
+    range by row range as ``AdapterExpert``. Its side files (config, tokenizer) are ``model``'s."""
+
+    kind = "model"
+
+    def __init__(self, model: Checkpoint, adapter: PeftAdapter):
+        super().__init__(model, adapter)
+        self.kind = "model"
+        self.path, self.folder = model.path, model.folder
+        self.files = [*model.files, *self.files]
+        self.index_files = list(model.index_files)
+
+    def aux(self, name: str) -> dict:
+        return {}
+
+    def close(self) -> None:
+        super().close()
+        self.base.close()

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import LAYER_RE, MergeConfig, layer_position, resolve_parameters, same_path
+from .config import LAYER_RE, MergeConfig, ModelEntry, layer_position, resolve_parameters
 from .errors import ConfigError, PlanError
-from .experts import AdapterExpert, is_adapter
+from .experts import AdapterAppliedModel, AdapterExpert, is_adapter
 from .io.hf_files import COPIED_FILES
 from .io.peft_adapters import open_adapter
 from .io.reader import Checkpoint, TensorMeta, check_model_file, open_checkpoint
@@ -26,6 +26,8 @@ from .io.writer import OutputTensor, ShardPlan, plan_shards
 from .second_moments import describe as describe_second_moments
 from .second_moments import open_second_moments
 from .sidecar import SecondMoments
+from .vocabulary import VocabularyPlan, VocabularyView
+from .vocabulary import build_plan as build_vocabulary_plan
 
 if TYPE_CHECKING:
     from .slice_plan import TensorSources
@@ -75,6 +77,7 @@ class MergePlan:
     second_moments: list[SecondMoments | None] = field(default_factory=list)  # per expert (OTA sidecars)
     notes: list[str] = field(default_factory=list)  # lines for the run's report (e.g. buffers taken from the base)
     config_updates: dict = field(default_factory=dict)  # config.json keys set in the output (slices: layer count)
+    vocabulary: VocabularyPlan | None = None  # tokenizer_source / tokenizer: the merged vocabulary
 
     @property
     def output_bytes(self) -> int:
@@ -118,6 +121,7 @@ class MergePlan:
         files += [self.reference.folder / name for name in ("config.json", *COPIED_FILES)
                   if (self.reference.folder / name).is_file()]
         files += [sc.path for sc in self.second_moments if sc is not None]
+        files += self.vocabulary.files if self.vocabulary is not None else []
         return files
 
     def close(self) -> None:
@@ -186,9 +190,9 @@ def _check_unused_base(config: MergeConfig, experts: list) -> None:
     PEFT adapter experts are the exception: their weights are views of the base."""
     if config.method.base_model != "unused" or config.base_model is None:
         return
-    if any(isinstance(e, AdapterExpert) for e in experts):
+    if any(isinstance(e, AdapterExpert) and not isinstance(e, AdapterAppliedModel) for e in experts):
         return
-    if any(same_path(m.path, config.base_model) for m in config.models):
+    if any(config.is_base(m) for m in config.models):
         return
     raise PlanError(
         f"base_model {config.base_model}: merge_method {config.method.name} does not use a base model, and it is not "
@@ -214,6 +218,19 @@ def _check_used_parameters(config: MergeConfig, experts: list) -> None:
         )
 
 
+def _vocabulary_views(config: MergeConfig, base, experts, reference, base_model):
+    """Every model seen through the merged vocabulary (``vocabulary.py``): base first, then ``models:``."""
+    models, paths = [], []
+    for ckpt, path in [(base_model, config.base_model), *zip(experts, [m.path for m in config.experts], strict=True)]:
+        if ckpt is not None and all(ckpt is not c for c in models):
+            models.append(ckpt)
+            paths.append(path)
+    plan = build_vocabulary_plan(config.tokenizer, models, paths, 0 if base_model is not None else None)
+    views = {id(c): VocabularyView(c, plan, i) for i, c in enumerate(models)}
+    return (views[id(base)] if base is not None else None, [views[id(e)] for e in experts], views[id(reference)],
+            plan)
+
+
 def make_plan(
     config: MergeConfig,
     out_dir: Path,
@@ -235,14 +252,28 @@ def make_plan(
             opened[key] = open_checkpoint(path)
         return opened[key]
 
-    def expert(path: Path) -> Checkpoint:
+    def applied(model: Path, lora: Path) -> Checkpoint:
+        """mergekit's MODEL+ADAPTER: the adapter applied to that model, seen as a full model."""
+        key = ("applied", model.resolve(), lora.resolve())
+        if key not in opened:
+            model_ckpt = get(model)
+            opened[key] = AdapterAppliedModel(model_ckpt, open_adapter(lora, model_ckpt))
+        return opened[key]
+
+    def base_view() -> Checkpoint:
+        return applied(config.base_model, config.base_lora) if config.base_lora else get(config.base_model)
+
+    def expert(entry: ModelEntry) -> Checkpoint:
+        path = entry.path
+        if entry.lora is not None:
+            return applied(path, entry.lora)
         if not is_adapter(path):
             return get(path)
         if config.base_model is None:
             raise PlanError(f"{path}: is a PEFT adapter; set base_model: to the model it was trained on")
         key = ("adapter", path.resolve())
         if key not in opened:
-            base_ckpt = get(config.base_model)
+            base_ckpt = base_view()
             opened[key] = AdapterExpert(base_ckpt, open_adapter(path, base_ckpt))
         return opened[key]
 
@@ -250,13 +281,17 @@ def make_plan(
         if config.base_model is not None and is_adapter(config.base_model):
             raise PlanError(
                 f"base_model {config.base_model}: is a PEFT adapter; base_model must be the full model "
-                "the adapters were trained on"
+                "the adapters were trained on (or MODEL+ADAPTER, mergekit's syntax for the adapter applied to MODEL)"
             )
-        base = get(config.base_model) if config.base_model and config.method.base_model != "unused" else None
-        experts = [expert(m.path) for m in config.experts]
+        base = base_view() if config.base_model and config.method.base_model != "unused" else None
+        experts = [expert(m) for m in config.experts]
         _check_unused_base(config, experts)
         _check_used_parameters(config, experts)
-        reference = get(config.base_model) if config.base_model else experts[0]
+        reference = base_view() if config.base_model else experts[0]
+        vocabulary = None
+        if config.tokenizer is not None:
+            base, experts, reference, vocabulary = _vocabulary_views(config, base, experts, reference,
+                                                                     base_view() if config.base_model else None)
         check_files_outside_output(out_dir, list(opened.values()))
         for name in ("config.json", *COPIED_FILES):  # copied into OUT_DIR after the merge: check them now
             check_model_file(reference.folder, name)
@@ -302,6 +337,7 @@ def make_plan(
         max_shard_bytes=max_shard_bytes,
         second_moments=sidecars,
         notes=notes,
+        vocabulary=vocabulary,
     )
 
 
@@ -324,13 +360,15 @@ def describe_plan(plan: MergePlan) -> list[str]:
     dtypes = sorted({str(t.out.dtype).replace("torch.", "") for t in plan.tensors})
     lines = [
         f"method      {cfg.method.name}",
-        f"base        {cfg.base_model or '-'}",
-        *([f"expert      {e.path}" for e in cfg.experts] if cfg.layout is None else _describe_layout(cfg.layout)),
+        f"base        {cfg.base_model or '-'}{'+' + str(cfg.base_lora) if cfg.base_lora else ''}",
+        *([f"expert      {e.path}{'+' + str(e.lora) if e.lora else ''}" for e in cfg.experts]
+          if cfg.layout is None else _describe_layout(cfg.layout)),
         *(
             describe_second_moments(cfg, [t.out for t in plan.tensors if t.merged], plan.second_moments)
             if any(sc is not None for sc in plan.second_moments)
             else []
         ),
+        *([f"vocabulary  {plan.vocabulary.describe()}"] if plan.vocabulary is not None else []),
         f"tensors     {len(plan.tensors)} ({sum(not t.merged for t in plan.tensors)} copied), "
         f"{plan.num_layers} layers, out dtype {', '.join(dtypes)}",
         f"output      {fmt_bytes(plan.output_bytes)} in {len(plan.shards)} shard(s) -> {plan.out_dir}",

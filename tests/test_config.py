@@ -69,12 +69,14 @@ def test_bad_configs_name_the_problem(over, needle):
         _cfg(**over)
 
 
-def test_bad_yaml_and_unsupported_keys():
+def test_bad_yaml_and_unsupported_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id that is in no cache: one line, no network
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ConfigError, match="invalid YAML.*line"):
         parse_config("merge_method: [ties\nmodels: x")
     with pytest.raises(ConfigError, match="slices"):
         parse_config(f"merge_method: ties\nslices: []\nbase_model: {BASE}")
-    with pytest.raises(ConfigError, match="does not exist.*local"):
+    with pytest.raises(ConfigError, match="org/some-hub-model is not in the local cache.*hf download"):
         parse_config("merge_method: linear\nmodels:\n  - model: org/some-hub-model\n    parameters: {weight: 1}")
     with pytest.raises(ConfigError, match="needs base_model"):
         parse_config(f"merge_method: ties\nmodels:\n  - model: {MATH}\n    parameters: {{weight: 1}}")

@@ -42,13 +42,23 @@ def read_config(folder: Path) -> dict | None:
     return read_json_object(path) if path.is_file() else None
 
 
-def write_model_files(source: Path, out_dir: Path, dtype: torch.dtype | None, updates: dict | None = None) -> list[str]:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def write_model_files(source: Path, out_dir: Path, dtype: torch.dtype | None, updates: dict | None = None,
+                      vocab_size: int | None = None) -> list[str]:
     """Copy config (with its dtype set to ``dtype`` and ``updates`` applied) and tokenizer files; return the
-    names written."""
+    names written.
+
+    With ``vocab_size`` (a merged vocabulary), the config's ``vocab_size`` is set to it and no tokenizer
+    file is copied: the caller writes the merged tokenizer."""
     written = []
     config = read_config(source)
     if config is not None:
         config.update(updates or {})
+        if vocab_size is not None:
+            config["vocab_size"] = vocab_size
         if dtype in DTYPE_STRINGS:
             # transformers < 5 reads torch_dtype, >= 5 reads dtype; keep whichever the source used.
             keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
@@ -57,6 +67,8 @@ def write_model_files(source: Path, out_dir: Path, dtype: torch.dtype | None, up
         write_text_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
         written.append("config.json")
     for name in COPIED_FILES:
+        if vocab_size is not None and name in TOKENIZER_FILES:
+            continue
         if (source / name).is_file():
             shutil.copyfile(source / name, out_dir / name)
             written.append(name)
