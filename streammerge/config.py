@@ -12,8 +12,8 @@ Supported (mergekit 0.1.x semantics):
     out_dtype: bfloat16
     seed: 0                           # streammerge extension: DARE masks
 
-``slices:`` and ``modules:`` (layer ranges per source, frankenmerges) are parsed and planned by
-``streammerge.slices``; ``MergeConfig.layout`` holds them.
+``slices:`` and ``modules:`` (layer ranges per source, frankenmerges) are read by ``streammerge.slices``
+into ``MergeConfig.layout`` and planned by ``streammerge.slice_plan``.
 
 A parameter value is a scalar, a gradient (list of numbers interpolated over layers: t = layer /
 (num_layers - 1), t = 0 for tensors outside the layer stack) or a list of ``{filter, value}``

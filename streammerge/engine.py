@@ -307,10 +307,8 @@ class WriteBehind:
 
 
 def _prefetch(plan: MergePlan, tensor: PlannedTensor) -> None:
-    if tensor.sources is not None:
-        sources = tensor.sources.inputs()[:1] if not tensor.merged else tensor.sources.inputs()
-    elif not tensor.merged:
-        sources = [(plan.reference, tensor.out.name)]
+    if not tensor.merged:  # copied as merge_tensor copies it
+        sources = tensor.sources.inputs()[:1] if tensor.sources is not None else [(plan.reference, tensor.out.name)]
     else:
         base_in, experts_in = tensor_inputs(plan, tensor)
         sources = [x for x in (base_in, *experts_in) if x is not None]

@@ -170,7 +170,7 @@ def _check_ranges(layout: Layout, slices: tuple[OutputSlice, ...], stack) -> Non
             n = stack(s.path).num_layers
             if s.layer_range[1] > n:
                 raise PlanError(
-                    f"{layout.where}[{i}].sources[{j}].layer_range {list(s.layer_range)}: {s.path} has {n} layers "
+                    f"{layout.slices_key}[{i}].sources[{j}].layer_range {list(s.layer_range)}: {s.path} has {n} layers "
                     f"(0..{n - 1}); the range's end must be at most {n}"
                 )
 
@@ -183,10 +183,11 @@ def _layer_suffixes(layout: Layout, si: int, sl: OutputSlice, offset: int, stack
         have = stack(s.path).names[s.layer_range[0] + offset]
         odd = sorted(set(want) ^ set(have))
         if odd:
-            where = f"{layout.where}[{si}].sources[{j}]"
-            holder, lacker = (s.path, first.path) if odd[0] in have else (first.path, s.path)
-            raise PlanError(f"{where}: layer {s.layer_range[0] + offset} of {holder} has tensor …{odd[0]} that the "
-                            f"matching layer of {lacker} lacks; a slice's sources must share one architecture")
+            where = f"{layout.slices_key}[{si}].sources[{j}]"
+            (holder, layer), lacker = (((s.path, s.layer_range[0] + offset), first.path) if odd[0] in have
+                                       else ((first.path, first.layer_range[0] + offset), s.path))
+            raise PlanError(f"{where}: layer {layer} of {holder} has tensor …{odd[0]} that the matching layer of "
+                            f"{lacker} lacks; a slice's sources must share one architecture")
     return sorted(want)
 
 
@@ -206,7 +207,7 @@ class _TensorBuilder:
 
     def __call__(self, si: int, out_name: str, picked: list[tuple[SliceSource, str]], key: str, t: float):
         config, method, sl = self.config, self.config.method, self.slices[si]
-        where = f"{self.layout.where}[{si}]"
+        where = f"{self.layout.slices_key}[{si}]"
         template = self.templates.get(key)
         if template is None:
             raise PlanError(f"{where}: tensor {picked[0][1]!r} of {picked[0][0].path} has no counterpart in the layers "

@@ -84,6 +84,11 @@ class Layout:
     models: tuple[ModelEntry, ...] | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)  # the module's
 
+    @property
+    def slices_key(self) -> str:
+        """How messages name the slices list: ``slices`` or ``modules.default.slices``."""
+        return "slices" if self.where == "slices" else f"{self.where}.slices"
+
 
 # ---------------------------------------------------------------- parsing (config.parse_config calls this)
 
@@ -207,8 +212,8 @@ def check_layout_parameters(layout: Layout, global_params: Mapping[str, Any], me
     scopes = [("parameters", global_params), (f"{layout.where}.parameters", layout.parameters)]
     per_source = []
     for i, sl in enumerate(layout.slices or ()):
-        scopes.append((f"{layout.where}.slices[{i}].parameters", sl.parameters))
-        per_source += [(f"{layout.where}.slices[{i}].sources[{j}].parameters", s.parameters)
+        scopes.append((f"{layout.slices_key}[{i}].parameters", sl.parameters))
+        per_source += [(f"{layout.slices_key}[{i}].sources[{j}].parameters", s.parameters)
                        for j, s in enumerate(sl.sources)]
     per_source += [(f"{layout.where}.models[{i}].parameters", m.parameters) for i, m in enumerate(layout.models or ())]
     for key, scope in scopes:

@@ -142,6 +142,12 @@ def _narrow_model(tmp_path):
     return folder
 
 
+def _model_lacking_a_tensor(tmp_path):
+    t = load_folder(F32["a"])
+    del t["model.layers.1.mlp.up_proj.weight"]
+    return save_folder(tmp_path / "lacking", t)
+
+
 def _two_stack_model(tmp_path):
     t = {f"{p}.layers.{i}.w": torch.ones(2) for p in ("text_model", "vision_model") for i in range(2)}
     return save_folder(tmp_path / "twostack", t)
@@ -200,6 +206,12 @@ BAD = [  # (config builder, needle in the one-line error)
      r"holds more than one layer stack \(text_model\.layers\., vision_model\.layers\.\)"),
     (lambda tp: _cfg("passthrough", [{"model": str(DEEP["a"]), "layer_range": "0-2"}]),
      r"layer_range must be \[start, end\]"),
+    (lambda tp: _cfg("linear", [_src(F32["a"], [0, 2]), _src(_model_lacking_a_tensor(tp), [0, 2])], **W1),
+     r"slices\[0\]\.sources\[1\]: layer 1 of .*fp32-a has tensor …\.mlp\.up_proj\.weight that the matching "
+     r"layer of .*lacking lacks"),
+    (lambda tp: {"merge_method": "passthrough",
+                 "modules": {"default": {"slices": [{"sources": [_src(DEEP["a"], [0, 50])]}]}}},
+     r"modules\.default\.slices\[0\]\.sources\[0\]\.layer_range \[0, 50\]: .* has 40 layers"),
 ]
 
 
