@@ -337,7 +337,8 @@ def sidecar_convert(src: Path, out: Path, rank: str, model_dir: Path | None, sto
     """Convert second moments at SRC into the sidecar file OUT, one tensor at a time.
 
     SRC: a name-keyed exp_avg_sq .safetensors file, a .pt/.bin torch file (name-keyed dict or
-    optimizer state), or a Hugging Face Trainer checkpoint folder (optimizer.pt + model weights).
+    optimizer state), a Hugging Face Trainer checkpoint folder (optimizer.pt + model weights), or a
+    DeepSpeed ZeRO 1/2/3 or torch.distributed.checkpoint (FSDP) folder, reassembled per parameter.
     """
     from .planner import fmt_bytes
     from .sidecar import convert

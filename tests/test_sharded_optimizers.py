@@ -27,11 +27,13 @@ FP32_RUNS = {
     "zero1": SHARDED / "zero1",
     "zero2 (global_step3 itself)": SHARDED / "zero2" / "global_step3",
     "zero3": SHARDED / "zero3",
+    "zero3, 4 sub-groups per rank": SHARDED / "zero3-subgroups",
     "HF Trainer checkpoint-3 around ZeRO-2": SHARDED / "trainer-zero2" / "checkpoint-3",
     "FSDP2 + DCP (Accelerate layout)": SHARDED / "fsdp2-dcp" / "checkpoint-3",
     "FSDP2 + DCP folder itself": SHARDED / "fsdp2-dcp" / "checkpoint-3" / "optimizer_0",
 }
-ZERO_RUNS = ["zero1", "zero2", "zero3", "zero1-bf16", "zero2-bf16", "zero3-bf16", "trainer-zero2/checkpoint-3"]
+ZERO_RUNS = ["zero1", "zero2", "zero3", "zero3-subgroups", "zero1-bf16", "zero2-bf16", "zero3-bf16",
+             "trainer-zero2/checkpoint-3"]
 
 
 @pytest.mark.parametrize("case", list(FP32_RUNS))
@@ -194,6 +196,13 @@ def _extra_rank(tmp):
     return src, "zero_pp_rank_0_mp_rank_00_optim_states.pt: saved by a world of 2 ranks, but 3 rank files"
 
 
+def _truncated_rank(tmp):
+    src = _copy(tmp, "zero3")
+    path = src / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    path.write_bytes(path.read_bytes()[:-600])
+    return src, "zero_pp_rank_1_mp_rank_00_optim_states.pt: not a readable PyTorch file"
+
+
 def _stage_mix(tmp):
     src = _copy(tmp, "zero2")
     shutil.copy(SHARDED / "zero3" / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
@@ -252,8 +261,9 @@ def _code_pickle(tmp):
     return src, "zero_pp_rank_1_mp_rank_00_optim_states.pt: refusing to load"
 
 
-BAD = {f.__name__[1:]: f for f in (_missing_rank, _mixed_steps, _extra_rank, _stage_mix, _bad_latest, _code_pickle,
-                                    _dcp_missing_rank, _dcp_not_adding_up, _dcp_truncated, _dcp_escaping_path)}
+BAD = {f.__name__[1:]: f for f in (_missing_rank, _mixed_steps, _extra_rank, _truncated_rank, _stage_mix,
+                                    _bad_latest, _code_pickle, _dcp_missing_rank, _dcp_not_adding_up, _dcp_truncated,
+                                    _dcp_escaping_path)}
 
 
 @pytest.mark.parametrize("case", list(BAD))

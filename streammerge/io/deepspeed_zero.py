@@ -381,7 +381,13 @@ class ZeroSource:
             out = torch.empty(math.prod(self.shapes[name]), dtype=torch.float32)
             done = 0
             for p in pieces:
-                out[done : done + p.count] = self._read(p, what)
+                try:
+                    out[done : done + p.count] = self._read(p, what)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{e} (reading parameter {name!r})") from e
+                except (KeyError, IndexError, TypeError, RuntimeError) as e:  # a file changed since it was opened
+                    raise CheckpointError(f"{self.files[p.rank]}: cannot read {what} of parameter {name!r} "
+                                          f"({type(e).__name__}: {str(e)[:200]})") from e
                 done += p.count
             yield name, out.view(self.shapes[name]), step
             del out
