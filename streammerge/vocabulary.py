@@ -173,9 +173,9 @@ class VocabularyPlan:
             for t in ids[bisect.bisect_left(ids, t0): bisect.bisect_left(ids, t1)]:
                 rule = self.defaults[t]
                 if rule[0] == "zero":
-                    if "zero" not in self._index:
-                        self._index["zero"] = torch.zeros(rest, dtype=torch.float32)
-                    out[t] = self._index["zero"]  # only ever copied from
+                    if ("zero", rest) not in self._index:
+                        self._index[("zero", rest)] = torch.zeros(rest, dtype=torch.float32)
+                    out[t] = self._index[("zero", rest)]  # only ever copied from
                     continue
                 if len(rule[1]) == 1:  # a donor's or the base's row, as it is
                     out[t] = _raw_row(self.models[rule[1][0][0]], name, rule[1][0][1], rest)
