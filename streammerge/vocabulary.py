@@ -236,6 +236,10 @@ def build_plan(spec: TokenizerSpec, models: list[Checkpoint], paths: list[Path],
         source = tf.load_tokenizer(spec.source)
         out = tf._copy(source.tokenizer)
     tf.add_tokens(out, list(spec.tokens))
+    if spec.source == "base":
+        # mergekit's output tokenizer *is* the base's here, so the tokens: it adds join the base's vocabulary too:
+        # a new token whose id falls inside the base's (padded) embedding takes the base's row at that id.
+        toks[0] = dataclasses.replace(base_tok, tokenizer=out)
     vocab = out.get_vocab(with_added_tokens=True)
     ntok = len(vocab)
     if sorted(vocab.values()) != list(range(ntok)):
