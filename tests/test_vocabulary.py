@@ -297,3 +297,19 @@ def test_one_dimensional_vocabulary_tensors_follow_the_same_rows(tmp_path):
         else:  # a padding row: the mean
             n = len(_vocab(tmp_path / "out"))
             assert t >= n and torch.isclose(bias[t], bias[:n].double().mean().float())
+
+
+@pytest.mark.parametrize("source, expected", [("union", "BASE"), ("model_b", "B"), ("model_a", None)])
+def test_the_chat_template_travels_with_the_tokenizer(tmp_path, source, expected):
+    folders = {k: tmp_path / k for k in TOK}
+    for k, f in folders.items():
+        shutil.copytree(TOK[k], f)
+    (folders["base"] / "chat_template.jinja").write_text("BASE")
+    (folders["b"] / "chat_template.jinja").write_text("B")
+    src = {"union": "union", "model_b": f"model:{folders['b']}", "model_a": f"model:{folders['a']}"}[source]
+    cfg = _ta(tokenizer_source=src, base_model=str(folders["base"]),
+              models=[{"model": str(folders["a"]), "parameters": {"weight": 0.5}},
+                      {"model": str(folders["b"]), "parameters": {"weight": 0.7}}])
+    streammerge.merge(cfg, tmp_path / "out")
+    template = tmp_path / "out" / "chat_template.jinja"
+    assert (template.read_text() if template.exists() else None) == expected
