@@ -173,9 +173,9 @@ class VocabularyPlan:
             for t in ids[bisect.bisect_left(ids, t0): bisect.bisect_left(ids, t1)]:
                 rule = self.defaults[t]
                 if rule[0] == "zero":
-                    if "zero" not in self._index:
-                        self._index["zero"] = torch.zeros(rest, dtype=torch.float32)
-                    out[t] = self._index["zero"]  # only ever copied from
+                    if ("zero", rest) not in self._index:
+                        self._index[("zero", rest)] = torch.zeros(rest, dtype=torch.float32)
+                    out[t] = self._index[("zero", rest)]  # only ever copied from
                     continue
                 if len(rule[1]) == 1:  # a donor's or the base's row, as it is
                     out[t] = _raw_row(self.models[rule[1][0][0]], name, rule[1][0][1], rest)
@@ -236,6 +236,10 @@ def build_plan(spec: TokenizerSpec, models: list[Checkpoint], paths: list[Path],
         source = tf.load_tokenizer(spec.source)
         out = tf._copy(source.tokenizer)
     tf.add_tokens(out, list(spec.tokens))
+    if spec.source == "base":
+        # mergekit's output tokenizer *is* the base's here, so the tokens: it adds join the base's vocabulary too:
+        # a new token whose id falls inside the base's (padded) embedding takes the base's row at that id.
+        toks[0] = dataclasses.replace(base_tok, tokenizer=out)
     vocab = out.get_vocab(with_added_tokens=True)
     ntok = len(vocab)
     if sorted(vocab.values()) != list(range(ntok)):

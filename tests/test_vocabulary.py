@@ -43,6 +43,7 @@ CASES = {
             "<new>": {"source": {"kind": "model_token", "model": TOK["a"], "token_id": 5}},
         },
     }),
+    "base_with_new_token": _ta(tokenizer={"source": "base", "tokens": {"<new>": {"source": {"kind": "zero"}}}}),
     "ties_union": {
         "merge_method": "ties",
         "base_model": TOK["base"],
@@ -105,7 +106,7 @@ def test_same_tensors_and_tokenizer_as_mergekit(tmp_path, monkeypatch, case):
     assert added[0] == added[1]
     vocabs = [x["model"].pop("vocab") for x in tok]
     assert vocabs[0] == vocabs[1] and tok[0] == tok[1]  # the model's own vocabulary and every other field
-    if case in ("base", "model_path"):  # no union order involved: the same ids
+    if case in ("base", "model_path", "base_with_new_token"):  # no union order involved: the same ids
         assert v_mk == v_ours
     cfgs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("mk", "ours")]
     assert cfgs[0]["vocab_size"] == cfgs[1]["vocab_size"] == ours["lm_head.weight"].shape[0]
@@ -265,3 +266,50 @@ def test_a_changed_tokenizer_is_not_resumed_over(tmp_path):
     (src / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(streammerge.StreamMergeError, match="tokenizer.json changed"):
         streammerge.merge(cfg, tmp_path / "out")
+
+
+def test_one_dimensional_vocabulary_tensors_follow_the_same_rows(tmp_path):
+    """lm_head.bias (dim 0 the vocabulary, no other dim) is permuted and filled like the weights."""
+    from safetensors.torch import save_file
+
+    folders = {}
+    for k in ("base", "a", "b"):
+        folders[k] = tmp_path / k
+        shutil.copytree(TOK[k], folders[k])
+        t = load_folder(folders[k])
+        t["lm_head.bias"] = torch.arange(t["lm_head.weight"].shape[0], dtype=torch.float32) + 100 * ord(k[0])
+        save_file(t, folders[k] / "model.safetensors", metadata={"format": "pt"})
+    cfg = {"merge_method": "linear", "dtype": "float32", "base_model": str(folders["base"]),
+           "models": [{"model": str(folders["base"]), "parameters": {"weight": 0.0}},
+                      {"model": str(folders["b"]), "parameters": {"weight": 1.0}},
+                      {"model": str(folders["a"]), "parameters": {"weight": 0.0}}],
+           "tokenizer": {"source": "union", "pad_to_multiple_of": 8}}
+    streammerge.merge(cfg, tmp_path / "out")
+    out = load_folder(tmp_path / "out")
+    w, bias = out["lm_head.weight"], out["lm_head.bias"]
+    raw = {k: load_folder(folders[k]) for k in folders}
+    for t in range(w.shape[0]):  # the bias row t comes from the same model and row as the weight row t
+        hits = [(k, r) for k in raw for r in range(raw[k]["lm_head.weight"].shape[0])
+                if torch.equal(raw[k]["lm_head.weight"][r], w[t])]
+        if hits:
+            k, r = hits[0]
+            assert bias[t] == raw[k]["lm_head.bias"][r], t
+        else:  # a padding row: the mean
+            n = len(_vocab(tmp_path / "out"))
+            assert t >= n and torch.isclose(bias[t], bias[:n].double().mean().float())
+
+
+@pytest.mark.parametrize("source, expected", [("union", "BASE"), ("model_b", "B"), ("model_a", None)])
+def test_the_chat_template_travels_with_the_tokenizer(tmp_path, source, expected):
+    folders = {k: tmp_path / k for k in TOK}
+    for k, f in folders.items():
+        shutil.copytree(TOK[k], f)
+    (folders["base"] / "chat_template.jinja").write_text("BASE")
+    (folders["b"] / "chat_template.jinja").write_text("B")
+    src = {"union": "union", "model_b": f"model:{folders['b']}", "model_a": f"model:{folders['a']}"}[source]
+    cfg = _ta(tokenizer_source=src, base_model=str(folders["base"]),
+              models=[{"model": str(folders["a"]), "parameters": {"weight": 0.5}},
+                      {"model": str(folders["b"]), "parameters": {"weight": 0.7}}])
+    streammerge.merge(cfg, tmp_path / "out")
+    template = tmp_path / "out" / "chat_template.jinja"
+    assert (template.read_text() if template.exists() else None) == expected

@@ -43,7 +43,7 @@ def read_config(folder: Path) -> dict | None:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt")
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
 def write_model_files(source: Path, out_dir: Path, dtype: torch.dtype | None, updates: dict | None = None,

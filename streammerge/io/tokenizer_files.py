@@ -12,8 +12,9 @@ underneath, which this module calls directly (``pip install 'streammerge[tokeniz
   ``model:PATH``: that tokenizer as it is; ``base``: the stripped base tokenizer;
 - the ``tokens:`` names are added last, as ordinary tokens, where they are not in the vocabulary yet.
 
-The merged tokenizer is written as ``tokenizer.json`` (the backend's serialisation) and the source's
-``tokenizer_config.json`` (its ``added_tokens_decoder``, when it has one, updated to the new added tokens).
+The merged tokenizer is written as ``tokenizer.json`` (the backend's serialisation), the source's
+``tokenizer_config.json`` (its ``added_tokens_decoder``, when it has one, updated to the new added tokens)
+and the source's ``chat_template.jinja`` when it has one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .writer import write_text_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"
 
 
 def _tokenizers():
@@ -201,4 +203,8 @@ def write_tokenizer(tok: Any, source: ModelTokenizer, out_dir: Path) -> list[str
     if config or (source.folder / TOKENIZER_CONFIG).is_file():
         write_text_atomic(out_dir / TOKENIZER_CONFIG, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         written.append(TOKENIZER_CONFIG)
+    template = source.folder / CHAT_TEMPLATE
+    if template.is_file():  # the tokenizer's chat template travels with it (model:PATH: PATH's, not the base's)
+        write_text_atomic(out_dir / CHAT_TEMPLATE, template.read_text(encoding="utf-8"))
+        written.append(CHAT_TEMPLATE)
     return written
