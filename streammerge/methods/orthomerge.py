@@ -44,6 +44,10 @@ Tensors that do not take the orthogonal part (``takes_orthogonal_part``) get W =
 Memory: each Qᵢ is folded into a running Σwᵢuᵢ and each Rᵢ into the residual merger (or ΣRᵢ) as soon as
 it is known, so one expert and one rotation are alive at a time, plus accumulators of one matrix each;
 variant C reads the experts twice (Δ̄ first).
+
+**Paths**: wide matrices (d_out <= d_in/2) take the subspace path (``ord_subspace``: the same result
+from a k × k polar factor, k <= d_out + rank(Tᵢ − W₀), and a low-rank merge), the others the dense one
+(d_in × d_in); ``DecoupleReport`` counts both and the run report names them.
 """
 
 from __future__ import annotations
