@@ -269,7 +269,7 @@ def decouple_merge(
     subspace path for wide matrices). Both give the same result to rounding. ``out_dtype``: the result's
     dtype (fp32 for the engine; tests compare the paths in the working dtype).
 
-    Per expert: one matmul W₀ᵀTᵢ, one SVD (d_in × d_in), one matmul UVᵀ, one solve for Qᵢ (det Rᵢ only
+    Dense path, per expert: one matmul W₀ᵀTᵢ, one SVD (d_in × d_in), one matmul UVᵀ, one solve for Qᵢ (det Rᵢ only
     where that solve flags an eigenvalue near −1, see ``procrustes_generator``).
     With ``task_arithmetic`` the residuals are never formed: Σρᵢ = ΣWᵢ − W₀·ΣRᵢ, so
     W = W₀·(R̄ − λ·ΣRᵢ) + λ·ΣWᵢ costs one matmul in all (TIES and TSV-M need each ρᵢ: one more each).
