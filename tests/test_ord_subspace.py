@@ -232,7 +232,11 @@ def test_plan_working_set_uses_the_subspace_path():
     dense = ord_subspace.working_set_elements(4096, 14336, 2, "dense")
     sub = ord_subspace.working_set_elements(4096, 14336, 2, "subspace")
     assert dense == 7 * 14336**2 + 4 * 4096 * 14336
-    assert sub < 14336**2 * 7  # no d_in² term
+    # k = 8192, K = 12288: 5k² + 3K² + (d_in − m)(K − m) + 5·d_out·d_in
+    assert sub == 5 * 8192**2 + 3 * 12288**2 + 10240 * 8192 + 5 * 4096 * 14336
+    # a very wide matrix: a few d_out × d_in, nothing of order d_in²
+    assert ord_subspace.working_set_elements(256, 8192, 2, "subspace") < 9 * 256 * 8192
+    assert ord_subspace.working_set_elements(256, 8192, 2, "dense") > 7 * 32 * 256 * 8192
     ws = METHOD.working_set("model.layers.0.mlp.down_proj.weight", (4096, 14336), 2)
     assert ws == 4 * sub + 2 * 4 * 4096 * 14336
     # a residual-only tensor: six copies plus the writer's queue

@@ -74,14 +74,16 @@ def choose_path(shape: tuple[int, ...], eps: float, path: OrdPath = "auto") -> L
 def working_set_elements(d_out: int, d_in: int, n_experts: int, path: Literal["dense", "subspace"]) -> int:
     """Peak elements ORD holds for one matrix (an estimate for the plan): the dense path about seven
     d_in × d_in matrices (M, U, Vᵀ, R, the solve's X and Q, ΣRᵢ or R̄) plus four d_out × d_in ones; the
-    subspace path six k × k (k <= 2·d_out) and three K × K (K <= (N + 1)·d_out, at most d_in) matrices,
-    the basis P (d_in × K) and six d_out × d_in ones (W₀, Householder factors, the expert, Y, ρᵢ, the sum)."""
+    subspace path five k × k (k <= 2·d_out: B, the SVD's factors, R, the generator solve), three K × K
+    (K <= (N + 1)·d_out, at most d_in: the merged direction, its growth, the final LU), the basis P
+    ((d_in − m) × (K − m)) and five d_out × d_in ones (Householder factors, the expert, Y and its SVD,
+    the residual sum)."""
     if path == "dense":
         return 7 * d_in * d_in + 4 * d_out * d_in
     m = min(d_out, d_in)
     k = min(d_in, m + d_out)
     big_k = min(d_in, m + n_experts * d_out)
-    return 6 * k * k + 3 * big_k * big_k + d_in * big_k + 6 * d_out * d_in
+    return 5 * k * k + 3 * big_k * big_k + (d_in - m) * (big_k - m) + 5 * d_out * d_in
 
 
 class RowBasis:

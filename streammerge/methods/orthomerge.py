@@ -44,6 +44,10 @@ Tensors that do not take the orthogonal part (``takes_orthogonal_part``) get W =
 Memory: each Qᵢ is folded into a running Σwᵢuᵢ and each Rᵢ into the residual merger (or ΣRᵢ) as soon as
 it is known, so one expert and one rotation are alive at a time, plus accumulators of one matrix each;
 variant C reads the experts twice (Δ̄ first).
+
+**Paths**: wide matrices (d_out <= d_in/2) take the subspace path (``ord_subspace``: the same result
+from a k × k polar factor, k <= d_out + rank(Tᵢ − W₀), and a low-rank merge), the others the dense one
+(d_in × d_in); ``DecoupleReport`` counts both and the run report names them.
 """
 
 from __future__ import annotations
@@ -265,7 +269,7 @@ def decouple_merge(
     subspace path for wide matrices). Both give the same result to rounding. ``out_dtype``: the result's
     dtype (fp32 for the engine; tests compare the paths in the working dtype).
 
-    Per expert: one matmul W₀ᵀTᵢ, one SVD (d_in × d_in), one matmul UVᵀ, one solve for Qᵢ (det Rᵢ only
+    Dense path, per expert: one matmul W₀ᵀTᵢ, one SVD (d_in × d_in), one matmul UVᵀ, one solve for Qᵢ (det Rᵢ only
     where that solve flags an eigenvalue near −1, see ``procrustes_generator``).
     With ``task_arithmetic`` the residuals are never formed: Σρᵢ = ΣWᵢ − W₀·ΣRᵢ, so
     W = W₀·(R̄ − λ·ΣRᵢ) + λ·ΣWᵢ costs one matmul in all (TIES and TSV-M need each ρᵢ: one more each).
