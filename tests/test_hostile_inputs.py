@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -27,19 +26,7 @@ from streammerge.cli import main
 from streammerge.errors import CheckpointError
 from streammerge.io.reader import open_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def no_hang():
-    """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
-
-    def timeout(signum, frame):
-        raise TimeoutError("input check hung")
-
-    old = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(30)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+pytestmark = pytest.mark.usefixtures("no_hang")
 
 
 def cli(*args) -> tuple[int, str]:

@@ -4,7 +4,6 @@ outside its domain is refused with one line: CLI exit 1, no traceback, nothing w
 from __future__ import annotations
 
 import os
-import signal
 
 import pytest
 from click.testing import CliRunner
@@ -18,18 +17,7 @@ BASE, A = FIXTURES / "tiny-llama-fp32-base", FIXTURES / "tiny-llama-fp32-a"
 ADAPTERS = FIXTURES / "adapters"
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    """Fail instead of hanging: a FIFO opened for reading blocks until a writer comes."""
-
-    def timeout(signum, frame):
-        raise TimeoutError("a path check opened a FIFO and blocked")
-
-    old = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(30)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+pytestmark = pytest.mark.usefixtures("no_hang")
 
 
 def cli(*args) -> tuple[int, str]:

@@ -160,27 +160,3 @@ def check_density(density: float) -> None:
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
 
-
-SUM_BLOCK = 1 << 12  # elements per partial sum of an ``OrderedSum``; divides every engine chunk size
-
-
-class OrderedSum:
-    """An fp64 sum of a tensor's values fed chunk by chunk whose bits do not depend on the chunking.
-
-    Each chunk is cut into blocks of ``SUM_BLOCK`` elements (counted from the chunk's start, which is a
-    multiple of ``SUM_BLOCK`` in the tensor: engine chunks are multiples of 2^20); every block is
-    reduced on its own — one fixed shape, one thread — and the block sums are added in tensor order.
-    A plain ``chunk.sum()`` per chunk would add the same values in an order that depends on where the
-    chunks end (and on how many threads reduce them)."""
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def add(self, chunk: torch.Tensor) -> None:
-        flat = chunk.reshape(-1)
-        full = flat.numel() - flat.numel() % SUM_BLOCK
-        parts = flat[:full].reshape(-1, SUM_BLOCK).sum(dim=1, dtype=torch.float64).tolist() if full else []
-        if full < flat.numel():
-            parts.append(float(flat[full:].sum(dtype=torch.float64)))
-        for p in parts:
-            self.value += p

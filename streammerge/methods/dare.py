@@ -22,7 +22,8 @@ from typing import Literal
 
 import torch
 
-from .base import ChunkInputs, MergeMethod, OrderedSum, check_density
+from .base import ChunkInputs, MergeMethod, check_density
+from .group_sums import GroupSums
 from .task_vectors import merge_task_vectors
 
 RNG_BLOCK = 1 << 20  # elements; engine chunks are multiples of this
@@ -89,16 +90,18 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[float]:
         if p.rescale and p.rescale_mode == "l1" and 0 < e.params.density < 1
     ]
     factors = [1.0] * len(first.experts)
+    p_shape, p_device = first.shape, first.device
     del first
-    before, after = [OrderedSum() for _ in needed], [OrderedSum() for _ in needed]
+    before = [GroupSums(p_shape, "all", p_device) for _ in needed]  # chunk-independent fp64 sums
+    after = [GroupSums(p_shape, "all", p_device) for _ in needed]
     if needed:
         for inputs in chunks():
             for j, i in enumerate(needed):
                 delta = inputs.experts[i].delta(inputs.base)
-                before[j].add(delta.abs())
-                after[j].add(delta.mul_(_mask(inputs, i, delta)).abs_())
+                before[j].add(inputs.start, delta.abs())
+                after[j].add(inputs.start, delta.mul_(_mask(inputs, i, delta)).abs_())
     for j, i in enumerate(needed):
-        b, a = before[j].value, after[j].value
+        b, a = float(before[j].result()[0]), float(after[j].result()[0])
         factors[i] = 1.0 if b < L1_EPS or a < L1_EPS else b / a
     return factors
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ChunkInputs, MergeMethod, OrderedSum, check_density
+from .base import ChunkInputs, MergeMethod, check_density
 from .dare import L1_EPS
+from .group_sums import GroupSums
 from .task_vectors import merge_task_vectors
 
 HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16  # non-negative fp32: 15 high bits after the sign, 16 low bits
@@ -141,14 +142,18 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[_Trim]:
 
 def _l1_scales(chunks: Callable[[], Iterator[ChunkInputs]], trims: list[_Trim], trimmed: list[int]) -> None:
     """scale = ‖τ‖₁ / ‖kept τ‖₁ per trimmed expert (mergekit's ``rescale_norm=l1``)."""
-    totals, kept = {i: OrderedSum() for i in trimmed}, {i: OrderedSum() for i in trimmed}
+    totals: dict[int, GroupSums] = {}
+    kept: dict[int, GroupSums] = {}
     for inputs in chunks():
         for i, magnitude in _magnitudes(inputs, trimmed):
-            totals[i].add(magnitude)
-            kept[i].add(magnitude.mul_(magnitude > trims[i].threshold))
+            if i not in totals:  # chunk-independent fp64 sums
+                totals[i] = GroupSums(inputs.shape, "all", inputs.device)
+                kept[i] = GroupSums(inputs.shape, "all", inputs.device)
+            totals[i].add(inputs.start, magnitude)
+            kept[i].add(inputs.start, magnitude.mul_(magnitude > trims[i].threshold))
     for i, sums in totals.items():
-        total = sums.value
-        after = kept[i].value + trims[i].ties_left * trims[i].threshold
+        total = float(sums.result()[0])
+        after = float(kept[i].result()[0]) + trims[i].ties_left * trims[i].threshold
         trims[i].scale = 1.0 if total < L1_EPS or after < L1_EPS else total / after
 
 
