@@ -320,7 +320,10 @@ def _check_parameter_names(cfg: MergeConfig, where: str) -> None:
                 )
     # Resolve once for a representative name so that malformed values and missing required
     # parameters fail before any file is written.
-    glob, models = resolve_parameters(cfg, "model.layers.0.self_attn.q_proj.weight", 0.0)
+    try:
+        glob, models = resolve_parameters(cfg, "model.layers.0.self_attn.q_proj.weight", 0.0)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e  # name the config file too
     if cfg.method.validate is not None:
         try:
             cfg.method.validate(glob, models)

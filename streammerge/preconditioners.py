@@ -41,7 +41,7 @@ from .io.second_moment_factors import _row_blocks, _truncated_svd
 from .io.second_moment_sources import TORCH_SUFFIXES, Source, _lookup, open_source
 from .sidecar import SecondMoments, load
 
-RANK1_BLOCK_ELEMENTS = 1 << 16  # rows of the rank-1 sums are read this many elements at a time
+RANK1_BLOCK_ELEMENTS = 1 << 22  # rows of the rank-1 sums are read this many elements at a time (few ops)
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "word_embeddings.weight",
                       "embed_out.weight", "embed_in.weight")
 
@@ -177,8 +177,8 @@ class Preconditioner(SecondMoments):
         self._factors = self._block = None
         m, n = self.shape(name)
         if self._kind(name) == "rank1":
-            # fp32 sums as the authors' (torch's cascade sums: error ~ log(n)·ulp), over small fixed row blocks
-            # so the second reduction reads the block from cache; the total in fp64
+            # fp32 sums as the authors' (torch's cascade sums: error ~ log(n)·ulp) over fixed row blocks; the
+            # total in fp64
             r = torch.empty(m, dtype=torch.float32)
             c = torch.zeros(n, dtype=torch.float32)
             for lo, hi, block in self._rows(name, RANK1_BLOCK_ELEMENTS):
