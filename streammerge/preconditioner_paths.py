@@ -2,9 +2,9 @@
 
 The OTA authors write second-moment files as local paths or as hub files, ``org/name/path/in/repo``
 or ``org/name:path/in/repo``. A value that exists locally (relative to the working directory, or to
-the config file's folder) is that file. Otherwise a value of a hub form goes to ``resolve_hub_file``,
-the one hook the hub-model support fills in; until it does, hub forms are refused with one line
-saying how to fetch the file.
+the config file's folder) is that file. Otherwise a value of a hub form is resolved like a hub model
+(``io/hub.py``): the local Hugging Face cache first, a download when online, and offline one line
+naming the repository, the file and how to fetch it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, StreamMergeError
 
 # org/name/path/in/repo  or  org/name:path/in/repo  (org and name: hub repo id characters)
 HUB_FILE_RE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:/|:)(?P<file>[^:].*)$")
@@ -25,11 +25,17 @@ def split_hub_file(value: str) -> tuple[str, str] | None:
 
 
 def resolve_hub_file(repo_id: str, filename: str, where: str, key: str) -> Path:
-    """Hook for hub support: the local path of ``filename`` in hub repo ``repo_id`` (cache first)."""
-    raise ConfigError(
-        f"{where}: {key} {repo_id}/{filename!s} is not a local file and hub files are not supported here yet; "
-        f"fetch it with `huggingface-cli download {repo_id} {filename} --local-dir DIR` and give DIR/{filename}"
-    )
+    """The local path of ``filename`` in hub repo ``repo_id[@revision]`` (cache first, see ``io/hub.py``)."""
+    from .io import hub
+
+    parsed = hub.split_repo_file(f"{repo_id}:{filename}")
+    if parsed is None:
+        raise ConfigError(f"{where}: {key} {repo_id}/{filename}: not a hub file name (org/name/path or org/name:path)")
+    repo, revision, path_in_repo = parsed
+    try:
+        return hub.resolve_repo_file(repo, path_in_repo, revision)
+    except StreamMergeError as e:
+        raise ConfigError(f"{where}: {key}: {e}") from e
 
 
 def resolve_preconditioner_path(value: object, root: Path | None, where: str, key: str) -> Path:

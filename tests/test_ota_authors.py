@@ -334,10 +334,38 @@ def test_preconditioner_lacking_a_tensor(tmp_path):
     _refused(tmp_path, text, "partial.safetensors: has no second moment for tensor 'model.norm.weight'")
 
 
-def test_hub_form_refused_with_how_to_fetch(tmp_path):
-    text = (CONFIGS / "hf_ota.yml").read_text().replace(
-        "../../ota-authors/general/export/exp_avg_sq.safetensors", "pmahdavi/Llama-3.1-8B-general:export/x.safetensors")
-    _refused(tmp_path, text, "huggingface-cli download pmahdavi/Llama-3.1-8B-general export/x.safetensors")
+@pytest.mark.parametrize("form", ["org/name:path", "org/name/path"])
+def test_hub_forms_resolve_through_the_cache(tmp_path, monkeypatch, form):
+    """The authors' hub forms name a file in a hub repository: found in huggingface_hub's cache (offline, no
+    network), they merge exactly as the same file given locally; not cached, one line says how to fetch it."""
+    pytest.importorskip("huggingface_hub")
+    from test_model_paths import make_hub_cache
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    local = "../../ota-authors/general/export/exp_avg_sq.safetensors"
+    source = tmp_path / "repo"
+    (source / "export").mkdir(parents=True)
+    (source / "export" / "exp_avg_sq.safetensors").write_bytes((CONFIGS / local).read_bytes())
+    snap = make_hub_cache(cache, "pmahdavi/Llama-3.1-8B-general", source / "export")
+    (snap / "export").mkdir()
+    (snap / "exp_avg_sq.safetensors").rename(snap / "export" / "exp_avg_sq.safetensors")
+    (snap / "export" / "exp_avg_sq.safetensors").unlink()
+    blob = next((cache / "models--pmahdavi--Llama-3.1-8B-general" / "blobs").iterdir())
+    (snap / "export" / "exp_avg_sq.safetensors").symlink_to(f"../../../blobs/{blob.name}")
+    name = "pmahdavi/Llama-3.1-8B-general" + (":" if form == "org/name:path" else "/") + "export/exp_avg_sq.safetensors"
+    text = (CONFIGS / "hf_ota.yml").read_text()
+    raw_local, raw_hub = yaml.safe_load(text), yaml.safe_load(text.replace(local, name))
+    for raw in (raw_local, raw_hub):
+        raw.pop("tokenizer_source", None)
+    streammerge.merge(parse_config(yaml.safe_dump(raw_local), CONFIGS, "cfg.yml"), tmp_path / "local")
+    streammerge.merge(parse_config(yaml.safe_dump(raw_hub), CONFIGS, "cfg.yml"), tmp_path / "hub")
+    for f in (tmp_path / "local").glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "hub" / f.name).read_bytes()
+    missing = text.replace(local, "pmahdavi/Llama-3.1-8B-general:export/other.safetensors")
+    _refused(tmp_path, missing, "file 'export/other.safetensors' of hub repository pmahdavi/Llama-3.1-8B-general "
+                                "is not in the local cache")
 
 
 @pytest.mark.parametrize("extra, needle", [
