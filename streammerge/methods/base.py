@@ -137,7 +137,7 @@ class MergeMethod:
     prepare: Callable[[Callable[[], Iterator[ChunkInputs]]], Any] | None = None
     start_run: Callable[[int, torch.device], MergeRun] | None = None
     model_keys: frozenset[str] = frozenset()  # extra keys of a ``models:`` entry, e.g. {"sidecar"}
-    expert_count: tuple[int, int | None] = (1, None)  # (min, max or None) experts merged (base excluded)
+    expert_count: tuple[int, int | None] = (0, None)  # (min, max or None) experts merged (base excluded)
 
 
 @dataclass(frozen=True)
