@@ -143,7 +143,7 @@ class MergeMethod:
     used_parameters: Callable[[list[str], Mapping[str, Any]], frozenset[str]] | None = None
     # estimated peak bytes to merge one tensor (name, shape, n_experts) for the plan; None: the engine's default
     working_set: Callable[[str, tuple[int, ...], int], int] | None = None
-    expert_count: tuple[int, int | None] = (1, None)  # (min, max or None) experts merged (base excluded)
+    expert_count: tuple[int, int | None] = (0, None)  # (min, max or None) experts merged (base excluded)
     max_models: int | None = None  # most models one tensor may merge (passthrough: 1); checked at config time
     # checks the resolved (params, model_params) together while the config is read; raises ValueError
     validate: Callable[[Any, list[Any]], None] | None = None
