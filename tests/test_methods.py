@@ -149,6 +149,8 @@ def test_all_methods_are_chunk_invariant():
             continue  # DARE: RNG blocks (test above); OTA needs second moments (tests/test_ota.py); passthrough below
         if name in ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap"):
             continue  # own parameters and model counts: tests/test_geometric_methods.py
+        if name.startswith(("della", "breadcrumbs", "sce", "ram")):
+            continue  # engine chunks are flat: their chunking tests are in tests/test_sparse_methods.py
         kw = {"densities": [0.5, 0.3, 0.8]} if "density" in m.model_params.__dataclass_fields__ else {}
         b = None if m.base_model == "unused" else base
         whole = _run(name, b, ex, [1.0, 0.5, 0.7], **kw)
