@@ -162,10 +162,12 @@ def _compare(tmp_path, cfg_or_text):
     assert set(ours) == set(theirs)
     for name, t in theirs.items():
         assert ours[name].dtype == t.dtype, name
-        # fp16/bf16 outputs: mergekit does the math in that dtype, streammerge in fp32 and rounds once, so
-        # values may differ by one unit in the last place of the output dtype (README "Equality with mergekit")
-        rtol = torch.finfo(t.dtype).eps if t.dtype in (torch.float16, torch.bfloat16) else 1e-6
-        torch.testing.assert_close(ours[name], t, rtol=rtol, atol=1e-6, msg=name)
+        # fp16/bf16 outputs: mergekit does the math in that dtype (its rounding errors scale with the tensor's
+        # norm), streammerge in fp32 and rounds once: within one unit in the last place of the tensor's
+        # largest value (README "Slices and frankenmerges")
+        low = t.dtype in (torch.float16, torch.bfloat16)
+        atol = float(torch.finfo(t.dtype).eps * t.float().abs().max()) if low else 1e-6
+        torch.testing.assert_close(ours[name], t, rtol=0 if low else 1e-6, atol=atol, msg=name)
     ours_cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
     theirs_cfg = json.loads((tmp_path / "mergekit" / "config.json").read_text())
     assert ours_cfg["num_hidden_layers"] == theirs_cfg["num_hidden_layers"]
