@@ -367,6 +367,11 @@ def main() -> None:
     )
     ap.add_argument("--slices", action="store_true",
                     help="also time slices: configs (a passthrough frankenmerge, TIES over two slices) vs mergekit")
+    ap.add_argument(
+        "--one-thread-only",
+        action="store_true",
+        help="with --ranks: leave out the single process with torch's default threads (slow on a loaded machine)",
+    )
     args = ap.parse_args()
     if args.ranks:
         bench_ranks(args)
@@ -549,6 +554,8 @@ def bench_ranks(args) -> None:
         # (label, ranks, OMP threads): one process as a user runs it (torch's default threads), the same
         # with one thread (per-core baseline), and N ranks of one thread each (torchrun's default)
         setups = [("1", 1, None), ("1, 1 thread", 1, 1), (f"{args.ranks} ranks", args.ranks, None)]
+        if args.one_thread_only:
+            setups = setups[1:]
         runs: dict[str, list] = {label: [] for label, _, _ in setups}
         for _ in range(args.repeats):
             for label, n, threads in setups:
@@ -558,8 +565,8 @@ def bench_ranks(args) -> None:
         same = "yes" if len(digests) == 1 and "FAILED" not in digests else "NO"
         for label, (wall, merge, cpu) in rows.items():
             print(
-                f"| {method} | {label} | {wall:.1f} | {merge:.1f} | {cpu:.1f} | {rows['1'][0] / wall:.2f}x | "
-                f"{rows['1'][1] / merge:.2f}x | {same} |",
+                f"| {method} | {label} | {wall:.1f} | {merge:.1f} | {cpu:.1f} | {rows[setups[0][0]][0] / wall:.2f}x | "
+                f"{rows[setups[0][0]][1] / merge:.2f}x | {same} |",
                 flush=True,
             )
 

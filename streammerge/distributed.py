@@ -169,7 +169,9 @@ class Group:
         self._progress: ProgressFn | None = None
         self._progress_lock = threading.Lock()
         self._calibrating = False
-        self._shown = {"calib_tensors": 0, "calib_bytes": 0, "tensors": 0, "bytes": 0}
+        # (tensors, bytes) by progress kind: this rank's running totals, and what rank 0's bar has shown
+        self._mine = {"calibrate": (0, 0), "tensor": (0, 0)}
+        self._shown = {"calibrate": (0, 0), "tensor": (0, 0)}
 
     # --- failures ---------------------------------------------------------------------------------
 
@@ -288,10 +290,21 @@ class Group:
             self._show_progress()
 
     def count(self, event) -> None:
-        """This rank finished a tensor (``tensor``) or read one for calibration (``calibrate``)."""
-        prefix = "calib_" if event.kind == "calibrate" else ""
-        self.store.add(f"{prefix}tensors", 1)
-        self.store.add(f"{prefix}bytes", event.nbytes)
+        """This rank finished a tensor (``tensor``) or read one for calibration (``calibrate``): its running
+        totals go to the store in one ``set``, so rank 0 never sees a tensor without its bytes."""
+        kind = "calibrate" if event.kind == "calibrate" else "tensor"
+        tensors, nbytes = self._mine[kind]
+        self._mine[kind] = (tensors + 1, nbytes + event.nbytes)
+        self.store.set(f"progress/{kind}/{self.rank}", f"{tensors + 1} {nbytes + event.nbytes}")
+
+    def _totals(self, kind: str) -> tuple[int, int]:
+        tensors = nbytes = 0
+        for r in range(self.world_size):
+            key = f"progress/{kind}/{r}"
+            if self.store.check([key]):
+                t, b = self.store.get(key).split()
+                tensors, nbytes = tensors + int(t), nbytes + int(b)
+        return tensors, nbytes
 
     def _show_progress(self) -> None:
         if self._progress is None:
@@ -300,13 +313,13 @@ class Group:
 
         with self._progress_lock:
             try:
-                kinds = (("calibrate", "calib_") if self._calibrating else None, ("tensor", ""))
-                for kind, prefix in filter(None, kinds):
-                    tensors, nbytes = (int(self.store.add(f"{prefix}{k}", 0)) for k in ("tensors", "bytes"))
-                    new_t, new_b = tensors - self._shown[f"{prefix}tensors"], nbytes - self._shown[f"{prefix}bytes"]
+                for kind in ("calibrate", "tensor") if self._calibrating else ("tensor",):
+                    tensors, nbytes = self._totals(kind)
+                    shown_t, shown_b = self._shown[kind]
+                    new_t, new_b = tensors - shown_t, nbytes - shown_b
                     for i in range(new_t):  # one event per tensor, the bytes on the last
                         self._progress(ProgressEvent(kind, nbytes=new_b if i == new_t - 1 else 0))
-                    self._shown[f"{prefix}tensors"], self._shown[f"{prefix}bytes"] = tensors, nbytes
+                    self._shown[kind] = (tensors, nbytes)
             except (RuntimeError, ValueError):
                 pass
 
