@@ -2,6 +2,8 @@
 
     python scripts/bench_merge.py                       # ~0.5 B-param bf16 Llama set, base + 3 experts
     python scripts/bench_merge.py --hidden 512 --layers 4 --vocab 8000 --scaling-experts 2,8
+    python scripts/bench_merge.py --methods breadcrumbs,breadcrumbs_ties,della,della_linear,sce,ram,ramplus_tl \
+        --hidden 1024 --intermediate 2816 --layers 4 --scaling-experts ''    # the sparsifying methods, short
 
 Builds (once, reused afterwards) a Llama-shaped set under --data-dir: base + N experts, two
 safetensors shards each, written with the reference safetensors writer. Every merge runs as a child
@@ -118,13 +120,26 @@ def config_yaml(
         models = "".join(
             f"  - model: {e}\n    sidecar: {sc}{density}\n" for e, sc in zip(experts, sidecars, strict=False)
         )
+    elif method in UNWEIGHTED:
+        models = "".join(f"  - model: {e}\n{extra_model}" for e in experts)
     else:
-        density = ", density: 0.5" if method in ("ties", "dare_ties", "dare_linear") else ""
+        per_model = PER_MODEL.get(method, "")
         models = "".join(
-            f"  - model: {e}\n    parameters: {{weight: {1.0 / len(experts):.4f}{density}}}\n{extra_model}"
+            f"  - model: {e}\n    parameters: {{weight: {1.0 / len(experts):.4f}{per_model}}}\n{extra_model}"
             for e in experts
         )
+    extra = GLOBAL.get(method, "") + extra
     return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: float32\nout_dtype: bfloat16\n{extra}"
+
+
+# what each method is benchmarked with beside the weight (mergekit's defaults otherwise)
+PER_MODEL = {
+    **dict.fromkeys(("ties", "dare_ties", "dare_linear"), ", density: 0.5"),
+    **dict.fromkeys(("breadcrumbs", "breadcrumbs_ties"), ", density: 0.5, gamma: 0.01"),
+    **dict.fromkeys(("della", "della_linear"), ", density: 0.5, epsilon: 0.15"),
+}
+UNWEIGHTED = {"sce", "ram", "ramplus_tl"}  # methods without a per-model weight
+GLOBAL = {"sce": "parameters: {select_topk: 0.5}\n"}
 
 
 def build_sidecars(data_dir: Path, args, experts: list[Path]) -> list[Path]:
