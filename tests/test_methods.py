@@ -18,8 +18,9 @@ def _experts(n=3, shape=(64, 48), seed=0):
 def _run(method_name, base, experts, weights, densities=None, chunk=None, seed=0, **params):
     m = METHODS[method_name]
     p = m.params(**params)
+    fields = m.model_params.__dataclass_fields__  # sce, ram: no per-model weight
     mp = [
-        m.model_params(weight=w, **({"density": d} if densities else {}))
+        m.model_params(**({"weight": w} if "weight" in fields else {}), **({"density": d} if densities else {}))
         for w, d in zip(weights, densities or weights, strict=False)
     ]
     shape = tuple(experts[0].shape)
@@ -145,8 +146,8 @@ def test_dare_masks_depend_on_seed_and_tensor_not_order():
 def test_all_methods_are_chunk_invariant():
     base, ex = _experts(shape=(32, 33))
     for name, m in METHODS.items():
-        if not m.elementwise or name.startswith("dare") or name == "ota":
-            continue  # DARE: RNG blocks (test above); OTA needs second moments (tests/test_ota.py)
+        if not m.elementwise or name.startswith(("dare", "della")) or name == "ota":
+            continue  # DARE, DELLA: RNG blocks (tests above, tests/test_sparse_methods.py); OTA: tests/test_ota.py
         kw = {"densities": [0.5, 0.3, 0.8]} if "density" in m.model_params.__dataclass_fields__ else {}
         b = None if m.base_model == "unused" else base
         whole = _run(name, b, ex, [1.0, 0.5, 0.7], **kw)
