@@ -3,6 +3,8 @@
     python scripts/bench_merge.py                       # ~0.5 B-param bf16 Llama set, base + 3 experts
     python scripts/bench_merge.py --hidden 512 --layers 4 --vocab 8000 --scaling-experts 2,8
     python scripts/bench_merge.py --ranks 2 --methods orthomerge,ties    # 1 process vs 2 torchrun ranks
+    python scripts/bench_merge.py --methods breadcrumbs,breadcrumbs_ties,della,della_linear,sce,ram,ramplus_tl \
+        --hidden 1024 --intermediate 2816 --layers 4 --scaling-experts ''    # the sparsifying methods, short
 
 Builds (once, reused afterwards) a Llama-shaped set under --data-dir: base + N experts, two
 safetensors shards each, written with the reference safetensors writer. Every merge runs as a child
@@ -138,12 +140,15 @@ def config_yaml(
         models = "".join(
             f"  - model: {e}\n    sidecar: {sc}{density}\n" for e, sc in zip(experts, sidecars, strict=False)
         )
+    elif method in UNWEIGHTED:
+        models = "".join(f"  - model: {e}\n{extra_model}" for e in experts)
     else:
-        density = ", density: 0.5" if method in ("ties", "dare_ties", "dare_linear") else ""
+        per_model = PER_MODEL.get(method, "")
         models = "".join(
-            f"  - model: {e}\n    parameters: {{weight: {1.0 / len(experts):.4f}{density}}}\n{extra_model}"
+            f"  - model: {e}\n    parameters: {{weight: {1.0 / len(experts):.4f}{per_model}}}\n{extra_model}"
             for e in experts
         )
+    extra = GLOBAL.get(method, "") + extra
     return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: float32\nout_dtype: bfloat16\n{extra}"
 
 
@@ -163,6 +168,8 @@ def slices_yaml(kind: str, base: Path, experts: list[Path], layers: int) -> str:
         for (lo, hi), pair in (((0, h), e[:2]), ((h, layers), e[1:]))
     )
     return f"merge_method: ties\nbase_model: {base}\nslices:\n{half}dtype: float32\nout_dtype: bfloat16\n"
+
+
 def build_raw_second_moments(args, experts: list[Path]) -> list[Path]:
     """A fake fp32 name-keyed exp_avg_sq .safetensors per expert (the OTA authors' export format; cached)."""
     from bench_sidecar import build as build_second_moments
@@ -183,6 +190,14 @@ def authors_ota_yaml(base: Path, experts: list[Path], raw: list[Path], per_model
     glob = "" if per_model_threshold else "  precond_threshold: 6.0e-19\n"
     return (f"merge_method: ota\nbase_model: {base}\nparameters:\n  epsilon: 1e-26\n  normalise: none\n"
             f"  power: 0.5\n  fallback_to_base: true\n  rescale: false\n{glob}models:\n{models}dtype: bfloat16\n")
+# what each method is benchmarked with beside the weight (mergekit's defaults otherwise)
+PER_MODEL = {
+    **dict.fromkeys(("ties", "dare_ties", "dare_linear"), ", density: 0.5"),
+    **dict.fromkeys(("breadcrumbs", "breadcrumbs_ties"), ", density: 0.5, gamma: 0.01"),
+    **dict.fromkeys(("della", "della_linear"), ", density: 0.5, epsilon: 0.15"),
+}
+UNWEIGHTED = {"sce", "ram", "ramplus_tl"}  # methods without a per-model weight
+GLOBAL = {"sce": "parameters: {select_topk: 0.5}\n"}
 
 
 def build_sidecars(data_dir: Path, args, experts: list[Path]) -> list[Path]:

@@ -18,8 +18,9 @@ def _experts(n=3, shape=(64, 48), seed=0):
 def _run(method_name, base, experts, weights, densities=None, chunk=None, seed=0, **params):
     m = METHODS[method_name]
     p = m.params(**params)
+    fields = m.model_params.__dataclass_fields__  # sce, ram: no per-model weight
     mp = [
-        m.model_params(weight=w, **({"density": d} if densities else {}))
+        m.model_params(**({"weight": w} if "weight" in fields else {}), **({"density": d} if densities else {}))
         for w, d in zip(weights, densities or weights, strict=False)
     ]
     shape = tuple(experts[0].shape)
@@ -149,8 +150,8 @@ def test_all_methods_are_chunk_invariant():
             continue  # DARE: RNG blocks (test above); OTA needs second moments (tests/test_ota.py); passthrough below
         if name in ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap"):
             continue  # own parameters and model counts: tests/test_geometric_methods.py
-        if name.startswith(("della", "breadcrumbs", "sce", "ram")):
-            continue  # engine chunks are flat: their chunking tests are in tests/test_sparse_methods.py
+        if name.startswith("della"):
+            continue  # DELLA: RNG blocks and row ranks, tests/test_sparse_methods.py
         kw = {"densities": [0.5, 0.3, 0.8]} if "density" in m.model_params.__dataclass_fields__ else {}
         b = None if m.base_model == "unused" else base
         whole = _run(name, b, ex, [1.0, 0.5, 0.7], **kw)

@@ -10,13 +10,13 @@ global, as in mergekit 0.1.5):
     Erase:     sⱼ = sign(Σᵢ τᵢⱼ) (0 counts +); mᵢⱼ = [sign(τᵢⱼ) = sⱼ] (a zero never agrees).
     θ = θ₀ + Σᵢ wᵢmᵢⱼτᵢⱼ / max(Σᵢ wᵢmᵢⱼ, 1e-6).
 
-Streaming: the variance is computed by Welford's update in fp64, one expert at a time, which gives
-torch.var's bits exactly (torch reduces with fp64 Welford too). The top-k threshold on σ² is found by
-radix selection (``ties.RadixSelect``) in two passes; the second also sums τᵢ² above the threshold's
-bucket and histograms it inside the bucket, so wᵢ needs a third pass only where some, but not all,
-entries tied at the threshold are kept. Ties at the threshold are kept in row-major order (mergekit's
-``topk`` picks among them arbitrarily: on bf16 inputs the two differ only at tied elements). The
-merge pass recomputes σ² and the consensus sums in one read of each expert.
+Streaming: σ² is computed by Welford's update in fp64, one expert at a time, which gives torch.var's
+bits exactly (torch reduces with fp64 Welford too), and kept for the whole tensor as fp32 (one fp32
+tensor of memory, whatever the number of experts). The top-k threshold on it is found by radix
+selection (``ties.RadixSelect``); ties at the threshold are kept in row-major order (mergekit's
+``topk`` picks among them arbitrarily: on bf16 inputs the kept sets differ only at tied elements).
+Passes over the experts: σ², then Σ τᵢ² over the selected elements, then the merge (no σ² pass
+with select_topk = 1).
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ import torch
 
 from .base import ChunkInputs, MergeMethod, NoParams
 from .breadcrumbs import TopCut
-from .ties import LOW_BINS, RadixSelect
+from .ties import RadixSelect
 
 DIVISOR_FLOOR = 1e-6  # mergekit: Σ wᵢmᵢ clamped to at least this
 WEIGHT_SUM_EPS = 1e-6  # mergekit: below this total, uniform weights
+SLICE = 1 << 22  # elements of σ² histogrammed at a time
 
 
 @dataclass(frozen=True)
@@ -50,33 +51,28 @@ class SceParams:
 class SceState:
     weights: list[float]  # wᵢ, fp32 values
     cut: TopCut | None  # None: every element kept (select_topk = 1)
+    variance: torch.Tensor | None = None  # σ² of the whole tensor, flat fp32 (with ``cut``)
+
+    def keep(self, start: int, count: int) -> torch.Tensor | None:
+        """Selected elements among flat [start, start + count) (chunks asked for in order)."""
+        if self.cut is None:
+            return None
+        return self.cut.chunk_mask(self.variance[start : start + count])
 
 
-def variance(inputs: ChunkInputs, each: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Population variance over experts of τ for this chunk (fp32, torch.var's bits); ``each(i, τᵢ)``
-    sees every expert's τ on the way."""
+def variance(inputs: ChunkInputs) -> torch.Tensor:
+    """Population variance over experts of τ for this chunk (fp32, torch.var's bits)."""
     mean = m2 = None
     for i, expert in enumerate(inputs.experts):
-        tau = expert.delta(inputs.base)
-        x = tau.double()
+        x = expert.delta(inputs.base).double()
         if mean is None:  # the first update from (0, 0) gives exactly (x, 0)
             mean, m2 = x, torch.zeros_like(x)
-        else:
-            d = x - mean
-            mean += d / (i + 1)
-            m2 += x.sub_(mean).mul_(d)  # torch's WelfordOps: m2 + δ·(x − new mean), rounded as there (no FMA)
-            del x, d
-        if each is not None:
-            each(i, tau)
-        del tau
+            continue
+        d = x - mean
+        mean += d / (i + 1)
+        m2 += x.sub_(mean).mul_(d)  # torch's WelfordOps: m2 + δ·(x − new mean), rounded as there (no FMA)
+        del x, d
     return m2.div_(len(inputs.experts)).float()
-
-
-def variance_and_squares(inputs: ChunkInputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """σ² for this chunk and every expert's τᵢ² (fp32)."""
-    squares: list[torch.Tensor] = []
-    var = variance(inputs, lambda i, tau: squares.append(tau.square_()))
-    return var, squares
 
 
 def _weights(squares: list[float], numel: int) -> list[float]:
@@ -87,61 +83,47 @@ def _weights(squares: list[float], numel: int) -> list[float]:
     return [float(torch.tensor(m / total, dtype=torch.float32)) for m in means]
 
 
+def _select(chunks: Callable[[], Iterator[ChunkInputs]], numel: int, topk: float,
+            device: torch.device) -> tuple[TopCut, torch.Tensor]:
+    """The top-k cut on σ² and σ² itself (one pass over the experts; the radix passes run on σ²)."""
+    var = torch.empty(numel, dtype=torch.float32, device=device)
+    for inputs in chunks():
+        n = math.prod(inputs.base.shape)
+        var[inputs.start : inputs.start + n] = variance(inputs).reshape(-1)
+    k = int(torch.count_nonzero(var) * topk)  # mergekit: int(count_nonzero(var) * density), an fp32 product
+    if k == 0:
+        return TopCut(0), var
+    select = RadixSelect(k, device)
+    slices = range(0, numel, SLICE)  # bounded temporaries for the histograms
+    for s in slices:
+        select.add_high(var[s : s + SLICE])
+    select.choose_bucket()
+    for s in slices:
+        select.add_low(var[s : s + SLICE])
+    return TopCut.from_select(select), var
+
+
 def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> SceState | None:
     first = next(chunks())
-    n, numel, topk = len(first.experts), math.prod(first.shape), first.params.select_topk
-    device = first.device
+    n, numel, topk, device = len(first.experts), math.prod(first.shape), first.params.select_topk, first.device
     del first
     if n == 0:
         return None
+    state = SceState([1.0 / n] * n, None)
+    if topk < 1 and numel > 0:
+        state.cut, state.variance = _select(chunks, numel, topk, device)
+        if state.cut.k == 0:  # nothing selected: every τ masked, θ = θ₀
+            return state
     squares = [0.0] * n
-    if topk >= 1 or numel == 0:
-        for inputs in chunks():
-            for i, expert in enumerate(inputs.experts):
-                squares[i] += float(expert.delta(inputs.base).square_().sum(dtype=torch.float64))
-        return SceState(_weights(squares, numel), None)
-
-    # pass 1: non-zero count and high-bit histogram of σ²
-    nonzero = 0
-    probe = RadixSelect(1, device)
+    probe = dataclasses.replace(state, cut=dataclasses.replace(state.cut) if state.cut else None)
     for inputs in chunks():
-        var = variance(inputs)
-        nonzero += int(torch.count_nonzero(var))
-        probe.add_high(var)
-    k = int(torch.tensor(nonzero) * topk)  # mergekit: int(count_nonzero(var) * density), an fp32 product
-    if k == 0:  # nothing kept: every τ masked, θ = θ₀
-        return SceState([1.0 / n] * n, TopCut(0))
-    select = RadixSelect(k, device)
-    select.high = probe.high
-    select.choose_bucket()
-
-    # pass 2: low bits inside the bucket; Σ τᵢ² above the bucket, and per low bin inside it
-    per_bin = torch.zeros(n, LOW_BINS, dtype=torch.float64, device=device)
-    for inputs in chunks():
-        var, tau_squares = variance_and_squares(inputs)
-        bits = var.view(torch.int32)
-        high = bits >> 16
-        above, inside = high > select.bucket, high == select.bucket
-        low = (bits[inside] & 0xFFFF).long()
-        select.add_low(var)
-        for i, sq in enumerate(tau_squares):
-            squares[i] += float(sq[above].sum(dtype=torch.float64))
-            per_bin[i].index_add_(0, low, sq[inside].double())
-        del tau_squares, var, bits
-    cut = TopCut.from_select(select)
-    low_threshold = int(torch.tensor([cut.threshold], dtype=torch.float32).view(torch.int32)) & 0xFFFF
-    for i in range(n):
-        squares[i] += float(per_bin[i, low_threshold + 1 :].sum())
-        if cut.take >= cut.tied:
-            squares[i] += float(per_bin[i, low_threshold])
-    if cut.take < cut.tied:  # pass 3: only some ties kept; sum τᵢ² over exactly those
-        probe_cut = dataclasses.replace(cut)
-        for inputs in chunks():
-            var, tau_squares = variance_and_squares(inputs)
-            tied_kept = probe_cut.chunk_mask(var) & (var == cut.threshold)
-            for i, sq in enumerate(tau_squares):
-                squares[i] += float(sq[tied_kept].sum(dtype=torch.float64))
-    return SceState(_weights(squares, numel), cut)
+        keep = probe.keep(inputs.start, math.prod(inputs.base.shape))
+        for i, expert in enumerate(inputs.experts):
+            sq = expert.delta(inputs.base).square_()
+            squares[i] += float((sq if keep is None else sq[keep.view(sq.shape)]).sum(dtype=torch.float64))
+            del sq
+    state.weights = _weights(squares, numel)
+    return state
 
 
 class _Consensus:
@@ -175,16 +157,13 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
     state: SceState | None = inputs.state
     if state is None or (state.cut is not None and state.cut.k == 0):
         return inputs.base.clone()
+    keep = state.keep(inputs.start, inputs.base.numel())
     consensus = _Consensus(inputs.base, state.weights)
-    keep = None
-    if state.cut is None:
-        for i, expert in enumerate(inputs.experts):
-            consensus.add(i, expert.delta(inputs.base))
-    else:
-        keep = state.cut.chunk_mask(variance(inputs, consensus.add))
+    for i, expert in enumerate(inputs.experts):
+        consensus.add(i, expert.delta(inputs.base))
     merged = consensus.result()
     if keep is not None:
-        merged.mul_(keep)  # masked elements: τ = 0 for every expert, merged 0
+        merged.mul_(keep.view(merged.shape))  # unselected elements: τ = 0 for every expert, merged 0
     return merged.add_(inputs.base)
 
 
