@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .slice_plan import TensorSources
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
-CHUNK_UNIT = 1 << 20  # chunks start at multiples of this: DARE's RNG blocks and OrderedSum's blocks divide it
+
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 per buffer
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -237,8 +237,8 @@ def make_plan(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> MergePlan:
-    if chunk_elements <= 0 or chunk_elements % CHUNK_UNIT:
-        raise PlanError(f"chunk size {chunk_elements}: must be a positive multiple of {CHUNK_UNIT} elements")
+    if chunk_elements <= 0:
+        raise PlanError(f"chunk size {chunk_elements}: must be a positive number of elements")
     if config.layout is not None:  # slices: / modules:, planned tensor by tensor from their sources
         from .slice_plan import plan_layout
 
