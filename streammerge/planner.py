@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from .slice_plan import TensorSources
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
-
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 per buffer
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,

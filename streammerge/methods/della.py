@@ -39,6 +39,7 @@ import torch
 from ..errors import PlanError
 from .base import ChunkInputs, MergeMethod
 from .dare import L1_EPS, uniforms
+from .group_sums import GroupSums
 from .task_vectors import merge_task_vectors
 
 
@@ -109,10 +110,13 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[_Expert | None]
     pruned = [i for i, e in enumerate(first.experts) if e.params.density < 1 and math.prod(first.shape) > 0]
     experts: list[_Expert | None] = [_Expert() if i in pruned else None for i in range(len(first.experts))]
     rescale = first.params.rescale
+    shape, device = first.shape, first.device
     del first
     if not pruned:
         return experts
-    before, after = dict.fromkeys(pruned, 0.0), dict.fromkeys(pruned, 0.0)
+    # L1 norms as DARE takes them: fixed-unit sums, independent of chunking and threads (group_sums.py)
+    before = {i: GroupSums(shape, "all", device) for i in pruned}
+    after = {i: GroupSums(shape, "all", device) for i in pruned}
     carry = {i: (torch.zeros(0), torch.zeros(0)) for i in pruned}  # partial row: (|τ|, u)
     for inputs in chunks():
         for i in pruned:
@@ -120,7 +124,7 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[_Expert | None]
             magnitude = inputs.experts[i].delta(inputs.base).abs_()
             u = uniforms(inputs.seed, inputs.tensor, i, inputs.start, magnitude.numel()).to(magnitude.device)
             if rescale:
-                before[i] += float(magnitude.sum(dtype=torch.float64))
+                before[i].add(inputs.start, magnitude)
             held_mag, held_u = carry[i]
             if held_mag.numel():
                 magnitude, u = torch.cat([held_mag, magnitude]), torch.cat([held_u, u])
@@ -130,13 +134,16 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[_Expert | None]
                 if held_mag.numel():  # this row crossed a chunk boundary
                     experts[i].edges[(inputs.start - held_mag.numel()) // cols] = probs[0].clone()
                 if rescale:
-                    kept = magnitude[:full][u[:full] < probs.view(-1)]
-                    after[i] += float(kept.sum(dtype=torch.float64))
+                    kept = magnitude[:full] * (u[:full] < probs.view(-1))
+                    after[i].add(inputs.start - held_mag.numel(), kept)
             carry[i] = (magnitude[full:].clone(), u[full:].clone())
             del magnitude, u
     for i in pruned:
-        if rescale and before[i] >= L1_EPS and after[i] >= L1_EPS:
-            experts[i].scale = before[i] / after[i]
+        if not rescale:
+            continue
+        b, a = float(before[i].result()[0]), float(after[i].result()[0])
+        if b >= L1_EPS and a >= L1_EPS:
+            experts[i].scale = b / a
     return experts
 
 

@@ -442,6 +442,9 @@ class OrthoRun:
         d.clamped += o.clamped
         d.cancelled += o.cancelled
         d.min_sigma = min(d.min_sigma, o.min_sigma)
+        d.subspace += o.subspace
+        d.largest_k = max(d.largest_k, o.largest_k)
+        d.fallback += o.fallback
 
     def report(self) -> list[str]:
         lines = [self.path] if self.path else []
