@@ -349,6 +349,24 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e10 else f"{n / 1e6:.0f} MB"
 
 
+def time_rows(rows: list[tuple[str, str]], cfg_path: Path, out: Path, repeats: int, budget: int | None = None) -> None:
+    """Time streammerge on each (label, config text), the rows interleaved ``repeats`` times, and print a
+    table row each: median wall and CPU, largest peak RSS, wall relative to the first row (and, with
+    ``budget``, whether the RSS is over it)."""
+    runs: dict[str, list] = {label: [] for label, _ in rows}
+    for _ in range(repeats):
+        for label, text in rows:
+            cfg_path.write_text(text)
+            runs[label].append(run_tool("streammerge", cfg_path, out))
+    first = None
+    for label, _ in rows:
+        wall, rss, code, cpu = repeated(runs[label])
+        first = first or wall
+        over = " (RSS OVER budget)" if budget is not None and rss > budget else ""
+        print(f"| {label} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | {wall / first:.2f}x |"
+              + ("" if code == 0 else " FAILED") + over, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_options(ap)
@@ -452,21 +470,7 @@ def main() -> None:
                 config_yaml("ota", base, experts, sidecars=sidecars, ffg_density=0.3),
             ),
         ]
-        runs: dict[str, list] = {label: [] for label, _ in rows}
-        for _ in range(args.repeats):
-            for label, text in rows:
-                cfg_path = work / "ota-bench.yaml"
-                cfg_path.write_text(text)
-                runs[label].append(run_tool("streammerge", cfg_path, work / "out-sm"))
-        first = None
-        for label, _ in rows:
-            wall, rss, code, cpu = repeated(runs[label])
-            first = first or wall
-            print(
-                f"| {label} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | {wall / first:.2f}x |"
-                + ("" if code == 0 else " FAILED"),
-                flush=True,
-            )
+        time_rows(rows, work / "ota-bench.yaml", work / "out-sm", args.repeats)
 
     if args.slices:
         print("\n| slices: config | tool | wall s | CPU s | peak RSS | wall ratio |")
@@ -498,18 +502,7 @@ def main() -> None:
             ("hf_ota_ffg_rank1lemma (per-model thresholds)", authors_ota_yaml(base, experts, raw, True)),
             ("hf_ota_ffg_global_thresh (global threshold)", authors_ota_yaml(base, experts, raw, False)),
         ]
-        runs = {label: [] for label, _ in rows}
-        for _ in range(args.repeats):
-            for label, text in rows:
-                cfg_path = work / "ota-authors-bench.yaml"
-                cfg_path.write_text(text)
-                runs[label].append(run_tool("streammerge", cfg_path, work / "out-sm"))
-        first = None
-        for label, _ in rows:
-            wall, rss, code, cpu = repeated(runs[label])
-            first = first or wall
-            print(f"| {label} | {wall:.1f} | {cpu:.1f} | {gb(rss)} | {wall / first:.2f}x |"
-                  + ("" if code == 0 else " FAILED") + ("" if rss <= budget else " (RSS OVER budget)"), flush=True)
+        time_rows(rows, work / "ota-authors-bench.yaml", work / "out-sm", args.repeats, budget)
         print(f"RSS budget (import torch + 4 x largest fp32 tensor) = {gb(budget)}")
 
     if args.sync_costs:
