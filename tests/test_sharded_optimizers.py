@@ -5,9 +5,13 @@ DeepSpeed's own zero_to_fp32 reassembly of the fp32 master weights, which share 
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,7 @@ from safetensors.torch import load_file
 
 import streammerge.sidecar as sidecar
 from streammerge.cli import main
-from streammerge.io import dcp_states, deepspeed_zero
+from streammerge.io import dcp_states, deepspeed_zero, torch_save_chunk
 from streammerge.io.second_moment_sources import open_source
 
 SHARDED = FIXTURES / "sharded-optimizers"
@@ -167,6 +171,73 @@ def test_dcp_names_drop_wrappers():
     assert dcp_states.model_name("model._checkpoint_wrapped_module.embed.weight") == "model.embed.weight"
 
 
+def _saved(tensor, pad=0):
+    """``tensor`` torch.save'd after ``pad`` junk bytes, as DCP stores a chunk inside a .distcp file."""
+    buf = io.BytesIO()
+    buf.write(b"x" * pad)
+    torch.save(tensor, buf)
+    return buf
+
+
+_g = torch.Generator().manual_seed(3)
+CHUNK_ARCHIVES = {  # saved tensor, destination slice of a larger tensor, whether read straight from the file
+    "row slab of a 2-D tensor": (torch.rand(3, 6, generator=_g), (slice(2, 5), slice(None)), True),
+    "bf16": (torch.rand(4, 6, generator=_g).bfloat16(), (slice(0, 4), slice(None)), True),
+    "0-d (Adam step)": (torch.tensor(7.0), (), True),
+    "view with a storage offset": (torch.rand(6, 6, generator=_g)[2:5], (slice(1, 4), slice(None)), True),
+    "column block: via a chunk-sized buffer": (torch.rand(6, 2, generator=_g), (slice(None), slice(1, 3)), True),
+    "transposed (strided) record: torch.load": (torch.rand(6, 6, generator=_g).t(), (slice(None), slice(None)),
+                                                False),
+    "nn.Parameter (a rebuild we do not mimic): torch.load": (torch.nn.Parameter(torch.rand(6, 6, generator=_g)),
+                                                             (slice(None), slice(None)), False),
+}
+
+
+@pytest.mark.parametrize("case", list(CHUNK_ARCHIVES))
+def test_dcp_chunk_reads_equal_torch_load(case):
+    """Each chunk archive lands in its slice exactly as torch.load + copy (DCP's reader) puts it there."""
+    saved, where, direct = CHUNK_ARCHIVES[case]
+    buf = _saved(saved, pad=13)
+    full = torch.full((6, 6) if saved.dim() else (), -1.0, dtype=saved.dtype)
+    expected = full.clone()
+    expected[where] = torch.load(io.BytesIO(buf.getvalue()[13:]), weights_only=True).detach()
+    got = torch_save_chunk.read_chunk_into(buf, 13, len(buf.getvalue()) - 13, full[where])
+    assert got is direct and torch.equal(full, expected)
+
+
+def test_dcp_chunk_of_other_shape_or_dtype_is_refused():
+    buf = _saved(torch.rand(3, 5))
+    for dest in (torch.empty(5, 3), torch.empty(3, 5, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="the metadata says"):
+            torch_save_chunk.read_chunk_into(buf, 0, None, dest)
+
+
+def test_dcp_conversion_does_not_import_dcp(tmp_path):
+    """The reader needs none of torch.distributed.checkpoint (an import of ~1 s): metadata comes from stand-ins."""
+    code = ("import sys, streammerge.sidecar as s; s.convert(sys.argv[1], sys.argv[2], rank='exact'); "
+            "assert 'torch.distributed.checkpoint' not in sys.modules, 'imported'")
+    src = FP32_RUNS["FSDP2 + DCP (Accelerate layout)"]
+    r = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "x.sc")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert r.returncode == 0, r.stderr
+
+
+def test_dcp_compressed_chunks_through_dcps_extension(tmp_path):
+    """A save with DCP's (experimental) ZStandard stream extension reads back equal."""
+    pytest.importorskip("zstandard")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    v = {"w": torch.rand(7, 3, generator=_g), "b": torch.rand(3, generator=_g)}
+    state = {"optimizer": {"state": {n: {"step": torch.tensor(4.0), "exp_avg_sq": t} for n, t in v.items()}}}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / "ck", _extensions=[ZStandard()]), no_dist=True)
+    md = _dcp_metadata(tmp_path / "ck" / ".metadata")
+    assert all(info.transform_descriptors for info in md.storage_data.values())
+    with sidecar.load(sidecar.convert(tmp_path / "ck", tmp_path / "x.sc", rank="exact").out) as sc:
+        assert sorted(sc.keys()) == sorted(v) and all(torch.equal(sc.get(n), t) for n, t in v.items())
+        assert sc.metadata["step"] == 4
+
+
 # --- bad input: one line naming the file, nothing written outside OUT -----------------------------------
 
 
@@ -216,6 +287,13 @@ def _bad_latest(tmp):
     return src, "latest: names 'global_step9', which is not a folder"
 
 
+def _dcp_metadata(path):
+    """The fixture's metadata as DCP's own classes (plain pickle: our fixture is trusted), to corrupt and re-save."""
+    import torch.distributed.checkpoint  # noqa: F401 - the classes the pickle names
+
+    return pickle.loads(path.read_bytes())
+
+
 def _dcp_missing_rank(tmp):
     src = _copy(tmp, "fsdp2-dcp")
     (src / "checkpoint-3" / "optimizer_0" / "__1_0.distcp").unlink()
@@ -225,7 +303,7 @@ def _dcp_missing_rank(tmp):
 def _dcp_not_adding_up(tmp):
     src = _copy(tmp, "fsdp2-dcp")
     path = src / "checkpoint-3" / "optimizer_0" / ".metadata"
-    md = dcp_states.read_metadata(path.parent)
+    md = _dcp_metadata(path)
     item = md.state_dict_metadata["optimizer.state.proj.weight.exp_avg_sq"]
     item.chunks[1].sizes = torch.Size([4, 6])
     path.write_bytes(pickle.dumps(md))
@@ -239,10 +317,17 @@ def _dcp_truncated(tmp):
     return src / "checkpoint-3", "__1_0.distcp: shorter than .metadata says"
 
 
+def _dcp_garbled_chunk(tmp):
+    src = _copy(tmp, "fsdp2-dcp")
+    path = src / "checkpoint-3" / "optimizer_0" / "__0_0.distcp"
+    path.write_bytes(bytes(path.stat().st_size))  # right size, zeros
+    return src / "checkpoint-3", "__0_0.distcp: cannot read 'optimizer.state."
+
+
 def _dcp_escaping_path(tmp):
     src = _copy(tmp, "fsdp2-dcp")
     path = src / "checkpoint-3" / "optimizer_0" / ".metadata"
-    md = dcp_states.read_metadata(path.parent)
+    md = _dcp_metadata(path)
     for info in md.storage_data.values():
         info.relative_path = "../../../secret.distcp"
     path.write_bytes(pickle.dumps(md))
@@ -263,7 +348,7 @@ def _code_pickle(tmp):
 
 BAD = {f.__name__[1:]: f for f in (_missing_rank, _mixed_steps, _extra_rank, _truncated_rank, _stage_mix,
                                     _bad_latest, _code_pickle, _dcp_missing_rank, _dcp_not_adding_up, _dcp_truncated,
-                                    _dcp_escaping_path)}
+                                    _dcp_garbled_chunk, _dcp_escaping_path)}
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -22,20 +22,19 @@ every chunk file must exist and every tensor's chunks must tile it exactly.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
+import io
 import logging
 import math
 import pickle
 import re
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from ..errors import CheckpointError
+from .torch_save_chunk import Window, read_chunk_into
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +68,47 @@ def model_name(fqn: str) -> str:
     return ".".join(part for part in fqn.split(".") if part not in WRAPPERS)
 
 
+class _DcpRecord:
+    """Stands in for one of DCP's metadata dataclasses/enums: attributes from the pickled state, no DCP code run.
+
+    Importing ``torch.distributed.checkpoint`` (to build its own classes) costs about a second; the reader
+    needs only the attributes. Enum members arrive as ``Class(value)`` and keep ``value``.
+    """
+
+    def __init__(self, *args: Any) -> None:  # an enum member: Class(value)
+        if len(args) != 1:
+            raise pickle.UnpicklingError(f"{type(self).__name__}{args!r} is not DCP metadata")
+        self.value = args[0]
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
+            state = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots) form
+        elif type(self).__name__ == "TensorProperties" and isinstance(state, tuple) and len(state) == 5:
+            state = dict(zip(("dtype", "layout", "requires_grad", "memory_format", "pin_memory"), state, strict=True))
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise pickle.UnpicklingError(f"{type(self).__name__}: unexpected pickled state")
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+_RECORD_CLASSES: dict[tuple[str, str], type] = {}
+
+
+def _record_class(module: str, name: str) -> type:
+    if (module, name) not in _RECORD_CLASSES:
+        _RECORD_CLASSES[module, name] = type(name, (_DcpRecord,), {"__module__": __name__})
+    return _RECORD_CLASSES[module, name]
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP metadata dataclasses/enums, ``torch.Size``, torch dtypes/layouts and ``_PLAIN``; refuses others."""
+    """Builds ``_DcpRecord`` stand-ins for DCP's metadata classes, ``torch.Size``, torch dtypes/layouts and
+    ``_PLAIN``; refuses every other global (nothing the pickle names is called but these)."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in _DCP_MODULES:
-            import importlib
-
-            obj = getattr(importlib.import_module(module), name, None)
-            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
-                return obj
+        if module in _DCP_MODULES and name.isidentifier() and not name.startswith("__"):
+            return _record_class(module, name)
         if module == "torch":
             obj = getattr(torch, name, None)
             if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
@@ -135,15 +165,14 @@ def _tiles(size: tuple[int, ...], chunks: list[Any]) -> bool:
     return not any(overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
 
 
-def _safe_reader(folder: Path, metadata: Any) -> Any:
-    """DCP's FileSystemReader, handed the metadata the restricted unpickler read (never its own pickle.load)."""
-    from torch.distributed.checkpoint import FileSystemReader
+def _untransformed(f: BinaryIO, info: Any) -> BinaryIO:
+    """A chunk saved through DCP stream extensions (e.g. ``ZStandard``), undone as DCP's reader does, in memory."""
+    from torch.distributed.checkpoint._extension import ExtensionRegistry  # only for such chunks: ~1 s import
 
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            return metadata
-
-    return SafeReader(str(folder))
+    stream: Any = Window(f, info.offset, info.length)
+    for extension in ExtensionRegistry().from_descriptor_list(info.transform_descriptors):
+        stream = extension.transform_from(stream)
+    return io.BytesIO(stream.read())
 
 
 class DcpSource:
@@ -198,7 +227,8 @@ class DcpSource:
                                       f"to its size {list(item.size)}; the metadata is corrupt or mixed")
         self.keys = found
         self.shapes = {name: tuple(md.state_dict_metadata[key].size) for name, key in found.items()}
-        self._reader = _safe_reader(folder, md)
+        self._chunks = {(index.fqn, tuple(getattr(index, "offset", None) or ())): info
+                        for index, info in md.storage_data.items()}
         step_keys = {k: name for name, k in steps.items() if name in found}
         step_values = {float(t.item()) for t in self._load(step_keys).values()} if step_keys else set()
         step = int(step_values.pop()) if len(step_values) == 1 else None
@@ -214,23 +244,27 @@ class DcpSource:
         return list(self.keys)
 
     def _load(self, keys: dict[str, str]) -> dict[str, torch.Tensor]:
-        """Full tensors for ``{key: parameter name}``, read by one ``dcp.load``."""
-        import torch.distributed.checkpoint as dcp
-
+        """Full tensors for ``{key: parameter name}``, each chunk read straight into its slice."""
         out = {}
-        for key in keys:
+        for key, name in keys.items():
             item = self._md.state_dict_metadata[key]
-            out[key] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
-        try:
-            with warnings.catch_warnings():  # "no process group, loading in one process": that is the intent
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load(out, storage_reader=self._reader, no_dist=True)
-        except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in CheckpointException and others
-            key, name = next(iter(keys.items())) if len(keys) == 1 else ("", "Adam steps")
-            files = sorted({info.relative_path for i, info in self._md.storage_data.items() if i.fqn in keys})
-            what = f"{key!r} (parameter {name!r})" if key else name
-            raise CheckpointError(f"{self.path / files[0] if files else self.path}: cannot read {what}: "
-                                  f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
+            full = out[key] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+            for chunk in item.chunks:
+                info = self._chunks.get((key, tuple(chunk.offsets)))
+                path = self.path / info.relative_path if info else self.path / METADATA
+                try:
+                    if info is None:
+                        raise ValueError(f"no storage entry for the chunk at {list(chunk.offsets)}")
+                    dest = full[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))]
+                    with open(path, "rb", buffering=0) as f:
+                        if getattr(info, "transform_descriptors", None):
+                            read_chunk_into(_untransformed(f, info), 0, None, dest)
+                        else:
+                            read_chunk_into(f, info.offset, info.length, dest)
+                except Exception as e:  # noqa: BLE001 - zip, pickle, torch.load and OS errors alike: name the file
+                    at = f" at bytes {info.offset}+{info.length}" if info else ""
+                    raise CheckpointError(f"{path}: cannot read {key!r} (parameter {name!r}){at}: "
+                                          f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
         return out
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor, int | None]]:
