@@ -3,6 +3,7 @@
     python scripts/bench_sidecar.py                          # ~0.55 B-param Llama-shaped exp_avg_sq set
     python scripts/bench_sidecar.py --ranks 1,exact --torch  # also from a name-keyed torch .pt file
     python scripts/bench_sidecar.py --sharded 4 --repeats 3  # also ZeRO-2/3 and DCP folders of 4 ranks
+    python scripts/bench_sidecar.py --sharded 8 --layouts dcp --no-unsharded  # DCP of 8 ranks only
 
 Builds (once, reused) a fake name-keyed fp32 exp_avg_sq safetensors file with Llama shapes (hidden
 1536, intermediate 4096, 16 layers, vocab 32000, untied lm_head by default), written one tensor at a
@@ -163,6 +164,7 @@ def main() -> None:
     ap.add_argument("--torch", action="store_true", help="also convert from a name-keyed torch .pt file")
     ap.add_argument("--data-dir", type=Path, default=ROOT / "bench_data")
     ap.add_argument("--sharded", type=int, default=0, help="also convert ZeRO-2/3 folders of this many ranks")
+    ap.add_argument("--layouts", default="zero2,zero3,dcp", help="with --sharded: which of zero2, zero3, dcp")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all sources; medians are reported")
     ap.add_argument("--unsharded", action=argparse.BooleanOptionalAction, default=True,
                     help="convert the unsharded safetensors too (the wall-time reference)")
@@ -173,9 +175,12 @@ def main() -> None:
     largest = max(math.prod(s) for s in shapes.values()) * 4
     tag = f"exp-avg-sq-h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}"
     st, pt = build(args.data_dir / tag, shapes, args.torch)
+    layouts = set(args.layouts.split(",")) if args.sharded else set()
+    if layouts - {"zero2", "zero3", "dcp"}:
+        ap.error(f"--layouts: unknown {sorted(layouts - {'zero2', 'zero3', 'dcp'})}")
     zero = [build_zero(args.data_dir / f"{tag}-zero{stage}-w{args.sharded}", shapes, args.sharded, stage)
-            for stage in (2, 3)] if args.sharded else []
-    if args.sharded:
+            for stage in (2, 3) if f"zero{stage}" in layouts]
+    if "dcp" in layouts:
         zero.append(build_dcp(args.data_dir / f"{tag}-dcp-w{args.sharded}", shapes, args.sharded))
     torch_rss = torch_import_rss()
     budget = torch_rss + 3 * largest
