@@ -13,11 +13,16 @@ Optimizer states saved through ``get_optimizer_state_dict`` are keyed by paramet
 (``_orig_mod``, ``module``, ``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``); FSDP1 flat
 parameters (``_flat_param``) cannot be split and are refused.
 
-``.metadata`` is read with a restricted unpickler that builds only DCP's own metadata dataclasses and
-enums and torch sizes and dtypes (DCP itself uses plain ``pickle.load``); tensors are read through DCP's
-``FileSystemReader`` (``torch.load(weights_only=True)`` per chunk) by ``dcp.load`` of one full-size
-tensor at a time without a process group, so memory holds one parameter plus one chunk. Before reading,
-every chunk file must exist and every tensor's chunks must tile it exactly.
+``.metadata`` is read with a restricted unpickler (DCP itself uses plain ``pickle.load``) that builds
+inert ``_DcpRecord`` stand-ins for DCP's metadata dataclasses and enums, plus torch sizes and dtypes,
+so nothing in the pickle runs and ``torch.distributed.checkpoint`` (about a second to import) is not
+imported. Each tensor is then assembled at full size, one at a time: every chunk's ``torch.save``
+archive is parsed in place and its raw bytes read straight into the chunk's slice of the full tensor
+(``torch_save_chunk.read_chunk_into``; a row slab, as FSDP2's ``Shard(0)`` writes, is one contiguous
+``readinto``), so memory holds one parameter (plus one chunk for non-row chunks). Chunks saved through
+DCP's stream extensions (``_extensions``, e.g. ZStandard) are undone by DCP's own extension registry.
+Before reading, every chunk file must exist, lie inside the folder and be long enough, and every
+tensor's chunks must tile it exactly.
 """
 
 from __future__ import annotations
@@ -203,6 +208,12 @@ class DcpSource:
         if not found:
             raise CheckpointError(f"{folder / METADATA}: no '[optimizer.]state.<parameter>.exp_avg_sq' tensors; only "
                                   "Adam-type optimizer states saved by parameter name hold second moments")
+        for key in [*found.values(), *steps.values()]:
+            item = md.state_dict_metadata[key]
+            if not (isinstance(getattr(getattr(item, "properties", None), "dtype", None), torch.dtype)
+                    and isinstance(item.size, tuple) and all(isinstance(n, int) and n >= 0 for n in item.size)):
+                raise CheckpointError(f"{folder / METADATA}: {key!r} has no tensor dtype and size; the metadata is "
+                                      "corrupt")
         files = {info.relative_path for info in md.storage_data.values()}
         root = folder.resolve()
         for rel in sorted(files):
