@@ -346,9 +346,15 @@ def _code_pickle(tmp):
     return src, "zero_pp_rank_1_mp_rank_00_optim_states.pt: refusing to load"
 
 
+def _dcp_code_pickle(tmp):
+    src = _copy(tmp, "fsdp2-dcp")
+    (src / "checkpoint-3" / "optimizer_0" / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    return src / "checkpoint-3", ".metadata: not readable torch.distributed.checkpoint metadata (builtins.print"
+
+
 BAD = {f.__name__[1:]: f for f in (_missing_rank, _mixed_steps, _extra_rank, _truncated_rank, _stage_mix,
                                     _bad_latest, _code_pickle, _dcp_missing_rank, _dcp_not_adding_up, _dcp_truncated,
-                                    _dcp_garbled_chunk, _dcp_escaping_path)}
+                                    _dcp_garbled_chunk, _dcp_escaping_path, _dcp_code_pickle)}
 
 
 @pytest.mark.parametrize("case", list(BAD))
