@@ -331,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         "stress case",
     )
     ap.add_argument("--seeds", type=int, default=None, help="--pretrained: number of seeds (default 3)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="--pretrained: worker processes of --threads torch threads each (default 2; smoke 1)")
     args = ap.parse_args(argv)
     args.package_root = args.package_root.resolve()
     sys.path.insert(0, str(args.package_root))
@@ -342,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         from quality import pretrained
 
         work = args.work_dir if args.work_dir != ROOT / "bench_data" / "quality" else ROOT / "bench_data" / "pretrained"
-        return pretrained.main(args.out_dir, work.resolve(), args.package_root, args.seeds, args.smoke, args.threads)
+        return pretrained.main(args.out_dir, work.resolve(), args.package_root, args.seeds, args.smoke, args.threads,
+                               args.workers)
     if args.report_only:
         return write_report(json.loads((args.out_dir / "results.json").read_text()), args.out_dir)
     s = SMOKE if args.smoke else Settings()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-TASK_NAMES = ("colour", "agreement", "negation", "compare")
+TASK_NAMES = ("colour", "agreement", "negation", "agent")
 
 ANIMALS = ["cat", "dog", "fox", "bird", "horse", "mouse", "snake", "frog", "bear", "goat", "duck", "wolf"]
 WARM, COOL = ["red", "orange", "yellow"], ["blue", "green", "purple"]
@@ -34,6 +34,8 @@ INTENSIFIERS = ["", "really ", "quite ", "very ", "truly "]
 OPENERS = ["", "honestly , ", "i think ", "we agreed that "]
 FRUITS = ["apples", "pears", "eggs", "stones"]
 HELD = ["held", "had", "contained"]
+VERBS = [("chased", "chased"), ("bit", "bitten"), ("saw", "seen"), ("followed", "followed"), ("pushed", "pushed"),
+         ("helped", "helped"), ("found", "found"), ("called", "called")]
 NUMBERS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 
 
@@ -84,7 +86,16 @@ def _compare(r: random.Random) -> tuple[str, int]:
     return f"{first} {r.choice(['and', 'while', 'but'])} {second} . did the box hold more ?", int(n_box > n_bag)
 
 
-GENERATORS = {"colour": _colour, "agreement": _agreement, "negation": _negation, "compare": _compare}
+def _agent(r: random.Random) -> tuple[str, int]:
+    a, b = r.sample(ANIMALS, 2)
+    past, participle = r.choice(VERBS)
+    text = f"the {a} {past} the {b}" if r.random() < 0.5 else f"the {b} was {participle} by the {a}"
+    ask = r.choice([a, b])
+    return f"{text} . did the {ask} do it ?", int(ask == a)
+
+
+GENERATORS = {"colour": _colour, "agreement": _agreement, "negation": _negation, "compare": _compare,
+              "agent": _agent}
 
 
 def make_splits(task: str, seed: int, sizes: tuple[int, int, int]) -> tuple[Split, Split, Split]:

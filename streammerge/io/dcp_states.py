@@ -5,7 +5,7 @@ A DCP folder (``dcp.save(state, checkpoint_id=DIR)``, as Accelerate saves FSDP o
 
     DIR/.metadata          pickled ``Metadata``: per flattened key its global size, dtype and chunks
                            (offsets, sizes), and per chunk the file, byte offset and length
-    DIR/__R_0.distcp       rank R's chunks (each a ``torch.save``d tensor, or safetensors)
+    DIR/__R_0.distcp       rank R's chunks (each a ``torch.save``d tensor; DCP's safetensors format is refused)
 
 Optimizer states saved through ``get_optimizer_state_dict`` are keyed by parameter name:
 ``[PREFIX.]state.<parameter name>.exp_avg_sq`` (``PREFIX`` is ``optimizer`` when saved as
