@@ -109,7 +109,6 @@ def build_set(data_dir: Path, args, n_experts: int) -> list[Path]:
 
 
 PAIR_METHODS = {"slerp": "t: 0.5", "nearswap": "t: 0.001", "arcee_fusion": ""}  # method: its parameters
-UNWEIGHTED = {"model_stock", "karcher"}  # no per-model weight; karcher uses no base_model
 
 
 def config_yaml(
@@ -125,6 +124,8 @@ def config_yaml(
         models = "".join(f"  - model: {e}\n" for e in experts)
         return (f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}parameters: {{lambda: 0.5}}\n"
                 f"dtype: float32\nout_dtype: bfloat16\n{extra}")
+    if method == "passthrough":  # one model, copied (cast to out_dtype)
+        return f"merge_method: {method}\nmodels:\n  - model: {experts[0]}\ndtype: float32\nout_dtype: bfloat16\n"
     if method in PAIR_METHODS:  # the base and one other model
         params = f"parameters: {{{PAIR_METHODS[method]}}}\n" if PAIR_METHODS[method] else ""
         return (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {experts[0]}\n"
@@ -134,7 +135,7 @@ def config_yaml(
     if method in UNWEIGHTED:
         models = "".join(f"  - model: {e}\n" for e in experts)
         head = f"merge_method: {method}\n" + ("" if method == "karcher" else f"base_model: {base}\n")
-        return f"{head}models:\n{models}dtype: float32\nout_dtype: bfloat16\n"
+        return f"{head}models:\n{models}dtype: float32\nout_dtype: bfloat16\n{GLOBAL.get(method, '')}{extra}"
     if method == "ota":
         density = f"\n    parameters: {{density: {ffg_density}}}" if ffg_density else ""
         models = "".join(
@@ -196,7 +197,8 @@ PER_MODEL = {
     **dict.fromkeys(("breadcrumbs", "breadcrumbs_ties"), ", density: 0.5, gamma: 0.01"),
     **dict.fromkeys(("della", "della_linear"), ", density: 0.5, epsilon: 0.15"),
 }
-UNWEIGHTED = {"sce", "ram", "ramplus_tl"}  # methods without a per-model weight
+# methods without a per-model weight (karcher uses no base_model)
+UNWEIGHTED = {"model_stock", "karcher", "sce", "ram", "ramplus_tl"}
 GLOBAL = {"sce": "parameters: {select_topk: 0.5}\n"}
 
 
@@ -525,7 +527,7 @@ def main() -> None:
         print("\n| experts | method | wall s | CPU s | peak RSS | RSS vs first |")
         print("| ---: | --- | ---: | ---: | ---: | ---: |", flush=True)
         for method in args.methods.split(","):
-            if method in PAIR_METHODS or method == "nuslerp":
+            if method in PAIR_METHODS or method in ("nuslerp", "passthrough"):
                 continue  # a fixed number of models
             first = None
             for n in scaling:

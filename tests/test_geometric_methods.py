@@ -222,6 +222,9 @@ def test_arcee_fusion_quantiles_are_exact_sorted_elements():
     x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))]
     ks = [0, 1, 2500, 4000, 8059, x.numel() - 1]
     assert kth_smallest(x, ks) == [float(torch.sort(x).values[k]) for k in ks]
+    for y in (-randn(4000).abs() - 1, torch.full((300,), -2.5), x[:1]):  # all negative, all equal, one element
+        ks = sorted({0, y.numel() // 4, y.numel() // 2, y.numel() - 1})
+        assert kth_smallest(y, ks) == [float(torch.sort(y).values[k]) for k in ks]
 
 
 # --- through the engine, against mergekit's own merge of the fixtures -----------------------------------

@@ -245,6 +245,23 @@ def test_keep_probabilities_match_mergekit_formula():
         assert ours.min() == pytest.approx(0.25) and ours.max() == pytest.approx(0.55)
 
 
+def test_packed_mask_gives_back_every_range_it_was_filled_with():
+    g = torch.Generator().manual_seed(1)
+    for numel, pieces in [(1, [1]), (13, [5, 3, 5]), (1000, [7, 1, 500, 492]), (64, [64])]:
+        mask = torch.rand(numel, generator=g) < 0.5
+        packed = della.PackedMask(numel, torch.device("cpu"))
+        at = 0
+        for n in pieces:  # appended in pieces that start and end anywhere inside a byte
+            packed.append(mask[at : at + n])
+            at += n
+        packed.finish()
+        assert packed.bytes.numel() == (numel + 7) // 8
+        for start in range(0, numel, max(1, numel // 7)):
+            for count in (1, 9, numel - start):
+                count = min(count, numel - start)
+                assert torch.equal(packed.get(start, count), mask[start : start + count]), (numel, start, count)
+
+
 def test_della_masks_follow_rank_probabilities_across_chunks(tmp_path, straddling_models):
     """One expert, weight 1, no rescale, λ 1: θ − θ₀ = m ⊙ τ, so the mask is read back from the output. It
     must equal [u < p] with u the documented seeded draws and p mergekit's rank formula, row by row, also

@@ -8,8 +8,9 @@
 Not elementwise: the softmax needs whole rows and the quartiles the whole tensor, so the engine hands
 this method whole tensors (as ORD): base, the other model and the importance are held, about three
 fp32 copies of the tensor; the softmax and the output are computed in blocks of rows. Quartile qₖ is
-the element at index ⌊qₖ·(n − 1)⌋ of the sorted importances, found exactly by a radix selection (two
-histograms of the fp32 bit patterns). mergekit sorts; for tensors over 1,000,000 elements it sorts
+the element at index ⌊qₖ·(n − 1)⌋ of the sorted importances, found exactly by a radix selection (one
+histogram of the upper 16 bits of the fp32 bit patterns, then a selection among the few values in
+the quartiles' buckets). mergekit sorts; for tensors over 1,000,000 elements it sorts
 a random sample of 1,000,000 (drawn with replacement from torch's global RNG, unseeded), so its
 quartiles, and the mask near the fence, vary between runs; here they are exact and reproducible.
 """
@@ -52,21 +53,38 @@ def _order_keys(x: torch.Tensor) -> torch.Tensor:
 
 
 def kth_smallest(x: torch.Tensor, ks: list[int]) -> list[float]:
-    """Exact k-th smallest (0-based) values of a finite fp32 tensor, by two 16-bit histograms per k."""
-    out = []
-    high = torch.zeros(1 << 16, dtype=torch.int64, device=x.device)
-    flat = x.reshape(-1)
+    """Exact k-th smallest (0-based) values of a finite fp32 tensor, in two passes over it.
+
+    Pass 1 histograms the raw upper 16 bits of every value (bin h + 32768). The upper 16 bits of the
+    order key (``_order_keys``) are the raw ones for non-negative values and the raw ones with their
+    lower 15 bits flipped for negative values, so the key histogram is the raw one with its negative
+    half reversed: no per-element key transform. That histogram fixes the key bucket of each k. Pass 2
+    keeps the values whose upper bits fall in one of those (at most len(ks)) buckets, by a table
+    lookup, and histograms their lower 16 key bits per bucket (memory: three histograms and one block)."""
+    flat = x.reshape(-1).view(torch.int32)
+    device = x.device
+    raw = torch.zeros(1 << 16, dtype=torch.int64, device=device)
     for s in range(0, flat.numel(), BLOCK):
-        high += torch.bincount((_order_keys(flat[s : s + BLOCK]) >> 16) + 32768, minlength=1 << 16)
-    below = high.cumsum(0)
+        raw += torch.bincount((flat[s : s + BLOCK] >> 16) + 32768, minlength=1 << 16)
+    below = torch.cat([raw[: 1 << 15].flip(0), raw[1 << 15 :]]).cumsum(0)  # counts in key order, cumulated
+    found = []  # (key bucket, elements in lower buckets) per k
     for k in ks:
-        bucket = int(torch.searchsorted(below, torch.tensor(k, device=x.device), right=True))
-        before = int(below[bucket - 1]) if bucket > 0 else 0
-        low = torch.zeros(1 << 16, dtype=torch.int64, device=x.device)
-        for s in range(0, flat.numel(), BLOCK):
-            keys = _order_keys(flat[s : s + BLOCK])
-            low += torch.bincount(keys[(keys >> 16) + 32768 == bucket] & 0xFFFF, minlength=1 << 16)
-        j = int(torch.searchsorted(low.cumsum(0), torch.tensor(k - before, device=x.device), right=True))
+        bucket = int(torch.searchsorted(below, torch.tensor(k, device=device), right=True))
+        found.append((bucket, int(below[bucket - 1]) if bucket > 0 else 0))
+    # key bucket -> raw bin: the same above 2^15, mirrored below
+    raw_bin = {b: b if b >= 1 << 15 else (1 << 15) - 1 - b for b, _ in found}
+    wanted = torch.zeros(1 << 16, dtype=torch.bool, device=device)
+    wanted[list(raw_bin.values())] = True
+    low = {b: torch.zeros(1 << 16, dtype=torch.int64, device=device) for b in raw_bin}
+    for s in range(0, flat.numel(), BLOCK):
+        block = flat[s : s + BLOCK]
+        keys = _order_keys(block[wanted[(block >> 16) + 32768]].view(torch.float32))  # usually few
+        keys_high = (keys >> 16) + 32768
+        for b, hist in low.items():
+            hist += torch.bincount(keys[keys_high == b] & 0xFFFF, minlength=1 << 16)
+    out = []
+    for k, (bucket, before) in zip(ks, found, strict=True):
+        j = int(torch.searchsorted(low[bucket].cumsum(0), torch.tensor(k - before, device=device), right=True))
         key = torch.tensor([((bucket - 32768) << 16) | j], dtype=torch.int32)
         out.append(float((key ^ ((key >> 31) & 0x7FFFFFFF)).view(torch.float32)))
     return out

@@ -81,10 +81,14 @@ class TopCut:
             return torch.zeros_like(magnitude, dtype=torch.bool)
         if self.take >= self.tied:  # every tie is in: no counting (the usual case)
             return magnitude >= self.threshold
+        if self.seen >= self.take:  # the ties to keep were all in earlier chunks
+            return magnitude > self.threshold
         top = magnitude > self.threshold
         equal = (magnitude == self.threshold).reshape(-1)
         n_equal = int(torch.count_nonzero(equal))
-        if n_equal and self.seen < self.take:
+        if self.seen + n_equal <= self.take:  # every tie of this chunk is in
+            top.view(-1).logical_or_(equal)
+        elif n_equal:  # the chunk where the kept ties end: find the first take − seen of its ties
             positions = equal.nonzero().reshape(-1)[: self.take - self.seen]
             top.view(-1)[positions] = True
         self.seen += n_equal

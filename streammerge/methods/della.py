@@ -23,16 +23,16 @@ A row of one entry (C = 1) gets p = density (mergekit fails there: its rank norm
 Tensors of three or more dimensions are refused (mergekit ranks them along dimension 1).
 
 Streaming: ranks need whole rows, and a chunk may start or end inside a row. ``prepare`` reads the
-tensor once in order, carrying a partial row into the next chunk; it computes the L1 norms and keeps,
-for each row that crosses a chunk boundary, its keep probabilities (C floats per expert and boundary).
-``merge`` ranks the rows inside its chunk itself and takes the crossing rows' probabilities from there.
+tensor once in order, carrying a partial row into the next chunk; it ranks every row once, draws its
+uniforms, computes the L1 norms and keeps each pruned expert's keep mask packed 8 entries to a byte
+(numel/8 bytes per expert and tensor). ``merge`` reads its chunk's mask from there: no second sort.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -98,17 +98,52 @@ def keep_probabilities(magnitude: torch.Tensor, density: float, epsilon: float) 
     return (density - epsilon) + rank_norm * 2 * epsilon
 
 
+SHIFTS = torch.arange(8, dtype=torch.uint8)  # bit j of a packed byte holds entry 8·byte + j
+
+
+class PackedMask:
+    """A boolean mask over a tensor's flat entries, 8 to a byte, filled in order by ``append``."""
+
+    def __init__(self, numel: int, device: torch.device):
+        self.bytes = torch.zeros((numel + 7) // 8, dtype=torch.uint8, device=device)
+        self.pending = torch.zeros(0, dtype=torch.bool, device=device)  # < 8 entries not yet packed
+        self.filled = 0  # entries packed into ``bytes``
+
+    def append(self, keep: torch.Tensor) -> None:
+        bits = torch.cat([self.pending, keep.reshape(-1)]) if self.pending.numel() else keep.reshape(-1)
+        whole = bits.numel() // 8 * 8
+        if whole:
+            b0 = self.filled // 8
+            packed = (bits[:whole].view(-1, 8).to(torch.uint8) << SHIFTS.to(bits.device)).sum(1, dtype=torch.uint8)
+            self.bytes[b0 : b0 + whole // 8] = packed
+            self.filled += whole
+        self.pending = bits[whole:].clone()
+
+    def finish(self) -> None:
+        if self.pending.numel():  # the tensor's last, partial byte
+            self.append(torch.zeros(8 - self.pending.numel(), dtype=torch.bool, device=self.pending.device))
+
+    def get(self, start: int, count: int) -> torch.Tensor:
+        """The mask of entries [start, start + count) (bool, flat)."""
+        b0, b1 = start // 8, (start + count + 7) // 8
+        bits = (self.bytes[b0:b1].unsqueeze(1) >> SHIFTS.to(self.bytes.device)) & 1
+        return bits.view(-1)[start - 8 * b0 : start - 8 * b0 + count].bool()
+
+
 @dataclass
 class _Expert:
+    mask: PackedMask
     scale: float = 1.0
-    edges: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (C,) probabilities
 
 
 def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[_Expert | None]:
     first = next(chunks())
     cols = row_length(first.tensor, first.shape)
-    pruned = [i for i, e in enumerate(first.experts) if e.params.density < 1 and math.prod(first.shape) > 0]
-    experts: list[_Expert | None] = [_Expert() if i in pruned else None for i in range(len(first.experts))]
+    numel = math.prod(first.shape)
+    pruned = [i for i, e in enumerate(first.experts) if e.params.density < 1 and numel > 0]
+    experts: list[_Expert | None] = [
+        _Expert(PackedMask(numel, first.device)) if i in pruned else None for i in range(len(first.experts))
+    ]
     rescale = first.params.rescale
     shape, device = first.shape, first.device
     del first
@@ -131,14 +166,16 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[_Expert | None]
             full = magnitude.numel() // cols * cols
             if full:
                 probs = keep_probabilities(magnitude[:full].view(-1, cols), p.density, p.epsilon)
-                if held_mag.numel():  # this row crossed a chunk boundary
-                    experts[i].edges[(inputs.start - held_mag.numel()) // cols] = probs[0].clone()
+                keep = u[:full] < probs.view(-1)
+                del probs
+                experts[i].mask.append(keep)
                 if rescale:
-                    kept = magnitude[:full] * (u[:full] < probs.view(-1))
-                    after[i].add(inputs.start - held_mag.numel(), kept)
+                    after[i].add(inputs.start - held_mag.numel(), magnitude[:full] * keep)
+                del keep
             carry[i] = (magnitude[full:].clone(), u[full:].clone())
             del magnitude, u
     for i in pruned:
+        experts[i].mask.finish()
         if not rescale:
             continue
         b, a = float(before[i].result()[0]), float(after[i].result()[0])
@@ -147,34 +184,11 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[_Expert | None]
     return experts
 
 
-def chunk_probabilities(inputs: ChunkInputs, i: int, magnitude: torch.Tensor, state: _Expert) -> torch.Tensor:
-    """Keep probabilities of this chunk's entries (flat): own rows ranked here, crossing rows from ``prepare``."""
-    p = inputs.experts[i].params
-    cols = row_length(inputs.tensor, inputs.shape)
-    start, end = inputs.start, inputs.start + magnitude.numel()
-    pieces = []
-    pos = start
-    if pos % cols:  # head: the end of a row that began in an earlier chunk
-        take = min(cols - pos % cols, end - pos)
-        pieces.append(state.edges[pos // cols][pos % cols : pos % cols + take])
-        pos += take
-    n_full = (end - pos) // cols
-    if n_full:
-        rows = magnitude[pos - start : pos - start + n_full * cols].view(n_full, cols)
-        pieces.append(keep_probabilities(rows, p.density, p.epsilon).view(-1))
-        pos += n_full * cols
-    if pos < end:  # tail: the start of a row that ends in a later chunk
-        pieces.append(state.edges[pos // cols][: end - pos])
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
 def _sparsify(inputs: ChunkInputs, i: int, delta: torch.Tensor) -> torch.Tensor:
     state: _Expert | None = inputs.state[i]
     if state is None:
         return delta
-    probs = chunk_probabilities(inputs, i, delta.abs(), state)
-    u = uniforms(inputs.seed, inputs.tensor, i, inputs.start, delta.numel()).to(delta.device)
-    delta.mul_(u < probs)
+    delta.mul_(state.mask.get(inputs.start, delta.numel()).view(delta.shape))
     if state.scale != 1.0:
         delta *= state.scale
     return delta
