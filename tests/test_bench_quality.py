@@ -78,10 +78,11 @@ def test_pretrained_smoke_pipeline(tmp_path):
     data = json.loads((out / "pretrained.json").read_text())
     (result,) = data["results"]
     assert set(result["experts"]) == {"full", "oft"}
+    assert set(result["probe"]) == {"negation", "agent"} and all(0.0 <= a <= 1.0 for a in result["probe"].values())
     rows = {(r["name"], r["kind"]): r for r in result["rows"]}
     assert set(rows) == {("task_arithmetic", "full"), ("orthomerge (rule)", "oft")}
     for row in rows.values():
-        assert row["status"] == "ok" and set(row["test"]) == {"negation", "compare"}
+        assert row["status"] == "ok" and set(row["test"]) == {"negation", "agent"}
         assert all(0.0 <= a <= 1.0 for a in row["test"].values())
         assert row["normalized"] == pytest.approx(
             sum(row["test"][t] / result["experts"][row["kind"]][t] for t in row["test"]) / 2)

@@ -1,15 +1,22 @@
 """Four synthetic binary sentence tasks for the pretrained-encoder benchmark (``pretrained.py``).
 
-Each needs the encoder itself to change (mean-pooled frozen features with a linear probe do clearly
-worse than a fine-tuned expert): the answer depends on binding words across the sentence, not on
-which words occur.
+Each needs the encoder itself to change (mean-pooled frozen features with a linear probe do worse than
+a fine-tuned expert): the answer depends on how words relate across the sentence, not on which words
+occur.
 
-- ``colour``: two animals with colours, in either order and either phrasing, then a question about
-  one of them; 1 if that animal's colour is warm (red, orange, yellow), 0 if cool.
 - ``agreement``: "the N near/behind/… the M(s) is/are …": 1 if the verb agrees with the subject N, not with
   the distracting noun M of the other number.
 - ``negation``: a verdict under 0, 1 or 2 negations; 1 if the sentence is positive after them.
-- ``compare``: the box and the bag held some apples, named in either order; 1 if the box held more.
+- ``agent``: "the A chased the B" or "the B was chased by the A", then "did the X do it ?"; 1 if X is the
+  one who acted (active or passive voice: word order alone does not tell).
+- ``tense``: "yesterday / next week … the A jumped / will jump …": 1 if the verb's tense fits the time.
+
+Three more generators are kept but are not in ``TASK_NAMES``: ``colour`` (two animals with colours, a
+question about one: 1 if its colour is warm), ``compare`` (the box and the bag held some apples: 1 if the
+box held more) and ``order`` ("P arrived before Q … was X first ?"). Within the benchmark's budget (80
+LP-FT steps) the experts did not learn them (colour: full and LoRA experts at the probe's 0.76; order:
+OFT at 0.54, probe 0.51; compare: at chance even after 200 steps without the probe start), and a task
+whose experts learn nothing makes every merge look perfect in normalised accuracy.
 
 Splits are drawn with a fixed seed per task; train, validation and test share no sentence.
 """
@@ -19,7 +26,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-TASK_NAMES = ("colour", "agreement", "negation", "agent")
+TASK_NAMES = ("agreement", "negation", "agent", "tense")
 
 ANIMALS = ["cat", "dog", "fox", "bird", "horse", "mouse", "snake", "frog", "bear", "goat", "duck", "wolf"]
 WARM, COOL = ["red", "orange", "yellow"], ["blue", "green", "purple"]
@@ -36,6 +43,13 @@ FRUITS = ["apples", "pears", "eggs", "stones"]
 HELD = ["held", "had", "contained"]
 VERBS = [("chased", "chased"), ("bit", "bitten"), ("saw", "seen"), ("followed", "followed"), ("pushed", "pushed"),
          ("helped", "helped"), ("found", "found"), ("called", "called")]
+NAMES = ["anna", "ben", "carl", "emma", "jack", "kate", "mark", "lucy", "paul", "sara", "tom", "nina", "john", "mary",
+         "peter", "susan", "david", "laura", "james", "helen"]
+PAST_TIMES, FUTURE_TIMES = ["yesterday", "last week", "earlier today"], ["tomorrow", "next week", "later tonight"]
+ACTIONS = [("jumped", "will jump"), ("slept", "will sleep"), ("played", "will play"), ("waited", "will wait"),
+           ("rested", "will rest"), ("walked", "will walk"), ("hid", "will hide"), ("ate", "will eat"),
+           ("swam", "will swim"), ("sang", "will sing")]
+PLACES = ["in the garden", "by the river", "near the house", "in the barn", "under the tree"]
 NUMBERS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 
 
@@ -94,8 +108,26 @@ def _agent(r: random.Random) -> tuple[str, int]:
     return f"{text} . did the {ask} do it ?", int(ask == a)
 
 
+def _tense(r: random.Random) -> tuple[str, int]:
+    past_time = r.random() < 0.5
+    when = r.choice(PAST_TIMES if past_time else FUTURE_TIMES)
+    past, future = r.choice(ACTIONS)
+    consistent = r.random() < 0.5
+    verb = (past if past_time else future) if consistent else (future if past_time else past)
+    return f"{when} the {r.choice(ANIMALS)} {verb} {r.choice(PLACES)}", int(consistent)
+
+
+def _order(r: random.Random) -> tuple[str, int]:
+    first, later = r.sample(NAMES, 2)
+    text = r.choice([f"{first} arrived before {later}", f"{later} arrived after {first}",
+                     f"{later} came in later than {first}", f"{first} came in earlier than {later}",
+                     f"{first} got there before {later}", f"{later} got there after {first}"])
+    ask = r.choice([first, later])
+    return f"{text} . was {ask} first ?", int(ask == first)
+
+
 GENERATORS = {"colour": _colour, "agreement": _agreement, "negation": _negation, "compare": _compare,
-              "agent": _agent}
+              "agent": _agent, "order": _order, "tense": _tense}
 
 
 def make_splits(task: str, seed: int, sizes: tuple[int, int, int]) -> tuple[Split, Split, Split]:
