@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .base import SECOND_MOMENT, ChunkInputs
+from .base import SECOND_MOMENT, ChunkInputs, Rank1Chunk
 from .ota import (
     SMALLEST_SUBNORMAL,
     OtaModelParams,
@@ -49,6 +49,7 @@ from .ota import (
     _count_ones,
     _linear_merge,
     _second_moment,
+    ota_weight,
     saliency,
 )
 
@@ -268,8 +269,91 @@ def _rescale_one(chunks, i: int, shape, name: str, p: OtaParams, run: OtaRun | N
 # --- the chunk-level merge ------------------------------------------------------------------------------
 
 
+TILE_ELEMENTS = 1 << 15  # elements of one tile of the chunk-level merge (whole rows of rank-1 factors)
+
+
+@dataclass
+class _ExpertChunk:
+    """One expert's inputs for the whole chunk, read once; the merge slices tiles from them (flat, fp32
+    unless ``stored``)."""
+
+    shape: torch.Size  # the chunk's, as loaded
+    stored: torch.Tensor | None  # the chunk as stored (bf16/fp16/fp32), widened and less the base per tile
+    loaded: torch.Tensor | None  # θᵢ in fp32 (``load``): without a base, or for the fully masked mean
+    dense: torch.Tensor | None  # v (dense second moments)
+    rank1: Rank1Chunk | None  # v as factors (``rank1_approx``)
+    w_rows: torch.Tensor | None  # rank-1: cᵢ·(k·r)^p over the chunk's rows, so that w = w_rows ⊗ w_cols + ε
+    w_cols: torch.Tensor | None
+    threshold: float | None
+    scale: float
+    correction: float
+    rescale: float | None
+
+
+def _expert_chunk(inputs: ChunkInputs, i: int, moment, p: OtaParams, state, threshold: float | None,
+                  need_theta: bool) -> _ExpertChunk:
+    e, base = inputs.experts[i], inputs.base
+    stored = loaded = None
+    if base is not None and e.load_stored is not None:
+        stored = e.load_stored()
+        if stored.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            stored = None  # ``ExpertInput.delta``'s fallback: the fp32 load
+    if stored is None or need_theta:
+        loaded = e.load()
+    shape = stored.shape if stored is not None else loaded.shape
+    scale = state.scales[i] if state is not None and state.scales is not None else e.params.scaling_factor
+    correction = _correction(inputs, i) if p.bias_correction else 1.0
+    w_rows = w_cols = None
+    if moment.rank1 is not None:  # _Moment.weight's factors, once per chunk: (k·r ⊗ c)^p = (k·r)^p ⊗ c^p
+        f = moment.rank1
+        rows = f.rows * correction if correction != 1.0 else f.rows
+        w_rows, w_cols = (rows.sqrt(), f.cols.sqrt()) if p.power == 0.5 else (rows.pow(p.power), f.cols.pow(p.power))
+        if scale != 1.0:
+            w_rows = w_rows * scale
+    rescale = state.rescale[i] if state is not None and state.rescale is not None else None
+    dense = moment.dense
+    if dense is not None and dense.numel() != math.prod(shape):
+        raise ConfigError(f"ota: {inputs.tensor}: expert #{i}'s second moment has {dense.numel()} elements, "
+                          f"its tensor chunk {math.prod(shape)}; the preconditioner belongs to another model")
+    return _ExpertChunk(shape, _flat(stored), _flat(loaded), _flat(dense), moment.rank1, w_rows, w_cols,
+                        threshold, scale, correction, rescale)
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1)
+
+
+def _rank1_tile(f: Rank1Chunk, rows: torch.Tensor, cols: torch.Tensor, lo: int, hi: int,
+                plus: float | None = None) -> torch.Tensor:
+    """Chunk elements [lo, hi) of ``rows ⊗ cols (+ plus)``: the same bits as ``Rank1Chunk.expand`` there."""
+    n = cols.numel()
+    first, last = f.offset + lo, f.offset + hi
+    r0, r1 = first // n, (last - 1) // n + 1
+    full = torch.outer(rows[r0:r1], cols)
+    if plus is not None:
+        full.add_(plus)
+    return full.reshape(-1)[first - r0 * n : last - r0 * n]
+
+
+def _tiles(count: int, chunks: list[_ExpertChunk]) -> list[tuple[int, int]]:
+    """[lo, hi) tiles of a chunk of ``count`` elements: with rank-1 factors, whole rows of the tensor
+    (about TILE_ELEMENTS each), so that no tile expands rows it does not use; else TILE_ELEMENTS each."""
+    f = next((c.rank1 for c in chunks if c.rank1 is not None), None)
+    if f is None or count == 0:
+        return [(lo, min(lo + TILE_ELEMENTS, count)) for lo in range(0, count, TILE_ELEMENTS)]
+    n = f.cols.numel()
+    step = max(1, TILE_ELEMENTS // n) * n
+    head = (-f.offset) % n  # elements before the chunk's first row boundary
+    cuts = [0, *range(head, count, step), count]
+    return [(lo, hi) for lo, hi in zip(cuts, cuts[1:], strict=False) if hi > lo]
+
+
 def merge(inputs: ChunkInputs) -> torch.Tensor:
-    """The authors' OTA for one chunk (see the module docstring). fp32 in, fp32 out, the chunk's shape."""
+    """The authors' OTA for one chunk (see the module docstring). fp32 in, fp32 out, the chunk's shape.
+
+    Every expert's chunk is read once; the formulas then run tile by tile (``_tiles``), so that the ten
+    or so elementwise passes per expert work on data in the CPU cache. Each entry's value depends only
+    on that entry's inputs, so the tiles give the bytes a whole-chunk pass gives."""
     p, base, experts = _resolved(inputs), inputs.base, inputs.experts
     run = inputs.run if isinstance(inputs.run, OtaRun) else None
     state = inputs.state if isinstance(inputs.state, AuthorsTensorState) else None
@@ -279,39 +363,75 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
         return base.clone()
     thresholds = _masks_thresholds(inputs, run)
     active = any(t is not None for t in thresholds)
-    mode = p.masked_task_vector_merge_method if base is not None else "precond"
-    n = len(experts)
     need_theta = active and not (p.fallback_to_base and base is not None)
-    num = den = acc = theta = None
-    vectors: list[torch.Tensor] = []
-    counts = []
-    for i, e in enumerate(experts):
+    chunks = []
+    for i in range(len(experts)):
         moment = _second_moment(inputs, i)
         if moment is None:
             return _missing(inputs, p, i)
-        x = e.delta(base) if base is not None else e.load()
+        chunks.append(_expert_chunk(inputs, i, moment, p, state, thresholds[i], need_theta))
+        del moment
+    shape = base.shape if base is not None else chunks[0].shape  # without a base: θ₀'s chunk as loaded
+    count = math.prod(shape)
+    out = torch.empty(count, dtype=torch.float32, device=base.device if base is not None else chunks[0].loaded.device)
+    kept = [0] * len(chunks)
+    flat_base = base.reshape(-1) if base is not None else None
+    for lo, hi in _tiles(count, chunks):
+        n_fully = _merge_tile(inputs, p, chunks, flat_base, lo, hi, active, need_theta, kept, out[lo:hi])
+        if run is not None:
+            run.all_masked += n_fully
+    if run is not None:
+        for i, c in enumerate(chunks):
+            if c.threshold is not None:
+                run.kept[i] += kept[i]
+                run.seen[i] += count
+    return out.view(shape)
+
+
+def _merge_tile(inputs: ChunkInputs, p: OtaParams, chunks: list[_ExpertChunk], flat_base: torch.Tensor | None,
+                lo: int, hi: int, active: bool, need_theta: bool, kept: list[int], out: torch.Tensor) -> int:
+    """Chunk elements [lo, hi) into ``out``; adds each expert's kept entries to ``kept``; returns how
+    many entries had every expert masked."""
+    base = flat_base[lo:hi] if flat_base is not None else None
+    mode = p.masked_task_vector_merge_method if base is not None else "precond"
+    n = len(chunks)
+    num = den = acc = theta = None
+    vectors: list[torch.Tensor] = []
+    for i, c in enumerate(chunks):
+        if base is None:
+            x = c.loaded[lo:hi]
+        elif c.stored is not None:  # ExpertInput.delta: widened by a plain copy, then subtracted in fp32
+            x = torch.empty_like(base).copy_(c.stored[lo:hi]).sub_(base)
+        else:
+            x = c.loaded[lo:hi] - base
         if need_theta:
-            th = x if base is None else e.load()
+            th = c.loaded[lo:hi]
             theta = th.clone() if theta is None else theta.add_(th)
             del th
-        t = thresholds[i]
-        v = moment.v().view(x.shape) if t is not None or moment.rank1 is None else None
+        t = c.threshold
+        v = None
+        if c.dense is not None:
+            v = c.dense[lo:hi]
+        elif t is not None:
+            v = _rank1_tile(c.rank1, c.rank1.rows, c.rank1.cols, lo, hi)
         keep = None
         if t is not None:
             keep = _keep(inputs, v, x, t)
-            counts.append((i, _count_ones(keep), keep.numel()))
-        scale = state.scales[i] if state is not None and state.scales is not None else e.params.scaling_factor
-        correction = _correction(inputs, i) if p.bias_correction else 1.0
-        w = moment.weight(v, scale, p.power, p.epsilon, correction).view(x.shape)
-        del v, moment
+            kept[i] += _count_ones(keep)
+        if c.dense is not None:  # _Moment.weight on dense v (consumed)
+            if c.correction != 1.0:
+                v *= c.correction
+            w = ota_weight(v, c.scale, p.power, p.epsilon)
+        else:
+            w = _rank1_tile(c.rank1, c.w_rows, c.w_cols, lo, hi, plus=p.epsilon)
+        del v
         if keep is not None:
             w.mul_(keep)
         if base is not None and p.rescale:
-            s = state.rescale[i] if state is not None and state.rescale is not None else None
             if keep is not None:
                 x.mul_(keep)
-            if s is not None and s != 1.0:
-                x.mul_(s)
+            if c.rescale is not None and c.rescale != 1.0:
+                x.mul_(c.rescale)
         del keep
         if mode == "precond":
             num = w.mul(x) if num is None else num.addcmul_(w, x)
@@ -330,18 +450,14 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
         merged = _ties(vectors).div_(n)
     if base is not None:
         merged = merged.add_(base)
+    n_fully = 0
     if fully is not None:
         n_fully = int(torch.count_nonzero(fully))
         if n_fully:
             fallback = base if p.fallback_to_base and base is not None else theta.div_(n)
             merged = torch.where(fully, fallback, merged)
-        if run is not None:
-            run.all_masked += n_fully
-    if run is not None:
-        for i, kept, seen in counts:
-            run.kept[i] += kept
-            run.seen[i] += seen
-    return merged
+    out.copy_(merged)
+    return n_fully
 
 
 def _ties(vectors: list[torch.Tensor]) -> torch.Tensor:
