@@ -269,7 +269,7 @@ def _rescale_one(chunks, i: int, shape, name: str, p: OtaParams, run: OtaRun | N
 # --- the chunk-level merge ------------------------------------------------------------------------------
 
 
-TILE_ELEMENTS = 1 << 15  # elements of one tile of the chunk-level merge (whole rows of rank-1 factors)
+TILE_ELEMENTS = (1 << 15) - 1  # elements of one tile of the merge: below torch's parallel grain (32768), so one thread
 
 
 @dataclass
