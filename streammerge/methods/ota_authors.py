@@ -24,8 +24,9 @@ RMS→RMS = √(d_in/d_out)·σ_max (exact, or 10 power-iteration steps with ``a
 from a start vector seeded by the config seed and tensor name, so runs repeat); 1-D: RMS.
 
 Whole-tensor statistics (the ``global`` mean, the rescale factors) come from ``prepare``: the mean is
-summed in fp64 over fixed 2¹⁶-element blocks aligned to the tensor start (``BlockSum``), so it does not
-depend on chunking; each rescale factor
+summed by ``GroupSums`` on fp64 terms (fp64 sums of fixed 2¹⁴-element units aligned to the tensor start,
+each below torch's parallel grain, added in order), so it depends neither on the chunking nor on the
+thread count; each rescale factor
 is computed from the whole task vector of one expert at a time (one fp32 tensor plus its mask).
 """
 
@@ -40,6 +41,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import SECOND_MOMENT, ChunkInputs, Rank1Chunk
+from .group_sums import GroupSums
 from .ota import (
     SMALLEST_SUBNORMAL,
     OtaModelParams,
@@ -55,7 +57,7 @@ from .ota import (
 
 log = logging.getLogger(__name__)
 
-BLOCK = 1 << 16  # fixed block (elements) of fp64 partial sums, aligned to the tensor's start
+FEED_ELEMENTS = 1 << 20  # normalise: global: terms widened to fp64 this many at a time for GroupSums
 POWER_ITERATIONS = 10  # their _approximate_spectral_norm
 L1_RMS_NAMES = ("lm_head.weight", "model.embed_tokens.weight")  # their exact names for the ℓ1→RMS norm
 AUTHORS_GLOBAL = {"normalise": "none", "rescale": False, "approximate_norm": False,
@@ -169,36 +171,6 @@ def _keep(inputs: ChunkInputs, v: torch.Tensor, x: torch.Tensor, threshold: floa
     return v.ge(threshold).to(torch.float32)
 
 
-class BlockSum:
-    """Σ of a tensor fed chunk by chunk, in order: fp64 sums of fixed ``BLOCK``-element blocks aligned to the
-    tensor's start (a block split across chunks is completed before it is summed), added in block order,
-    so the total does not depend on where the chunks begin and end."""
-
-    def __init__(self):
-        self.total, self._pending = 0.0, None  # the started block's leading values
-
-    def add(self, start: int, x: torch.Tensor) -> None:
-        flat = x.reshape(-1)
-        if self._pending is not None:
-            flat = torch.cat([self._pending, flat])
-            start -= self._pending.numel()
-            self._pending = None
-        head = (-start) % BLOCK  # values before the next block boundary: only when start is mid-block
-        if head:
-            raise ValueError("BlockSum: chunks must be fed in order from the tensor's start")
-        full = flat.numel() // BLOCK * BLOCK
-        for block in torch.split(flat[:full], BLOCK):
-            self.total += float(block.sum(dtype=torch.float64))
-        if full < flat.numel():
-            self._pending = flat[full:].clone()
-
-    def finish(self) -> float:
-        if self._pending is not None:
-            self.total += float(self._pending.sum(dtype=torch.float64))
-            self._pending = None
-        return self.total
-
-
 def _needs_statistics(params: OtaParams, model_params: list[OtaModelParams]) -> bool:
     authors = any(mp.preconditioner_path is not None for mp in model_params)
     return authors and (params.normalise.lower() == "global" or params.rescale)
@@ -215,6 +187,7 @@ def prepare(chunks) -> AuthorsTensorState | None:
     p, base_known = _resolved(first), first.base is not None
     run = first.run if isinstance(first.run, OtaRun) else None
     n_experts, shape, name, seed = len(first.experts), first.shape, first.tensor, first.seed
+    first_device = first.device
     factors = [e.params.scaling_factor for e in first.experts]
     if any(SECOND_MOMENT not in e.aux for e in first.experts):
         return None  # merged linearly (missing_second_moment: linear)
@@ -222,17 +195,18 @@ def prepare(chunks) -> AuthorsTensorState | None:
     scales = rescale = None
     numel = math.prod(shape)
     if p.normalise.lower() == "global" and numel:
-        sums = [BlockSum() for _ in range(n_experts)]
+        sums = [GroupSums(shape, "all", first_device) for _ in range(n_experts)]
         for inputs in chunks():
             for i, e in enumerate(inputs.experts):
                 moment = _second_moment(inputs, i)
                 correction = _correction(inputs, i) if p.bias_correction else 1.0
                 v = moment.v() if moment.rank1 is None else None
-                pw = moment.weight(v, e.params.scaling_factor, p.power, 0.0, correction)
-                sums[i].add(inputs.start, pw)
+                pw = moment.weight(v, e.params.scaling_factor, p.power, 0.0, correction).reshape(-1)
+                for a in range(0, pw.numel(), FEED_ELEMENTS):  # fp64 terms, so each unit is summed in fp64
+                    sums[i].add(inputs.start + a, pw[a : a + FEED_ELEMENTS].to(torch.float64))
                 del pw, v, moment
             del inputs
-        mean = [float(torch.tensor(s.finish() / numel, dtype=torch.float32)) for s in sums]
+        mean = [float(torch.tensor(float(s.result()[0]) / numel, dtype=torch.float32)) for s in sums]
         scales = [c / (m + p.epsilon) for c, m in zip(factors, mean, strict=True)]
     if p.rescale and base_known:
         seed32 = zlib.crc32(f"{seed}:{name}".encode())
