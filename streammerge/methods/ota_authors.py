@@ -309,9 +309,12 @@ def _rank1_tile(f: Rank1Chunk, rows: torch.Tensor, cols: torch.Tensor, lo: int, 
     return full.reshape(-1)[first - r0 * n : last - r0 * n]
 
 
-def _tiles(count: int, chunks: list[_ExpertChunk]) -> list[tuple[int, int]]:
-    """[lo, hi) tiles of a chunk of ``count`` elements: with rank-1 factors, whole rows of the tensor
-    (about TILE_ELEMENTS each), so that no tile expands rows it does not use; else TILE_ELEMENTS each."""
+def _tiles(count: int, chunks: list[_ExpertChunk], device: torch.device) -> list[tuple[int, int]]:
+    """[lo, hi) tiles of a chunk of ``count`` elements: on the CPU, with rank-1 factors, whole rows of the
+    tensor (about TILE_ELEMENTS each), so that no tile expands rows it does not use, else TILE_ELEMENTS
+    each; on an accelerator the whole chunk (small kernels would cost launches, not save memory traffic)."""
+    if device.type != "cpu":
+        return [(0, count)] if count else []
     f = next((c.rank1 for c in chunks if c.rank1 is not None), None)
     if f is None or count == 0:
         return [(lo, min(lo + TILE_ELEMENTS, count)) for lo in range(0, count, TILE_ELEMENTS)]
@@ -350,7 +353,7 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
     out = torch.empty(count, dtype=torch.float32, device=base.device if base is not None else chunks[0].loaded.device)
     kept = [0] * len(chunks)
     flat_base = base.reshape(-1) if base is not None else None
-    for lo, hi in _tiles(count, chunks):
+    for lo, hi in _tiles(count, chunks, out.device):
         n_fully = _merge_tile(inputs, p, chunks, flat_base, lo, hi, active, need_theta, kept, out[lo:hi])
         if run is not None:
             run.all_masked += n_fully
