@@ -309,13 +309,13 @@ def _rank1_tile(f: Rank1Chunk, rows: torch.Tensor, cols: torch.Tensor, lo: int, 
     return full.reshape(-1)[first - r0 * n : last - r0 * n]
 
 
-def _tiles(count: int, chunks: list[_ExpertChunk], device: torch.device) -> list[tuple[int, int]]:
+def _tiles(count: int, chunk: _ExpertChunk, device: torch.device) -> list[tuple[int, int]]:
     """[lo, hi) tiles of a chunk of ``count`` elements: on the CPU, with rank-1 factors, whole rows of the
     tensor (about TILE_ELEMENTS each), so that no tile expands rows it does not use, else TILE_ELEMENTS
     each; on an accelerator the whole chunk (small kernels would cost launches, not save memory traffic)."""
     if device.type != "cpu":
         return [(0, count)] if count else []
-    f = next((c.rank1 for c in chunks if c.rank1 is not None), None)
+    f = chunk.rank1  # the first expert's factors (tiles of any other cut give the same bits)
     if f is None or count == 0:
         return [(lo, min(lo + TILE_ELEMENTS, count)) for lo in range(0, count, TILE_ELEMENTS)]
     n = f.cols.numel()
@@ -328,9 +328,11 @@ def _tiles(count: int, chunks: list[_ExpertChunk], device: torch.device) -> list
 def merge(inputs: ChunkInputs) -> torch.Tensor:
     """The authors' OTA for one chunk (see the module docstring). fp32 in, fp32 out, the chunk's shape.
 
-    Every expert's chunk is read once; the formulas then run tile by tile (``_tiles``), so that the ten
-    or so elementwise passes per expert work on data in the CPU cache. Each entry's value depends only
-    on that entry's inputs, so the tiles give the bytes a whole-chunk pass gives."""
+    Experts are taken one at a time (one expert's chunk in memory, as the engine plans), and each
+    expert's ten or so elementwise passes run tile by tile (``_tiles``) on data in the CPU cache, adding
+    into whole-chunk sums; the sums are then finished tile by tile. Each entry's value depends only on
+    that entry's inputs, in the same order of operations, so the tiles give the bytes whole-chunk passes
+    give."""
     p, base, experts = _resolved(inputs), inputs.base, inputs.experts
     run = inputs.run if isinstance(inputs.run, OtaRun) else None
     state = inputs.state if isinstance(inputs.state, AuthorsTensorState) else None
@@ -341,99 +343,132 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
     thresholds = _masks_thresholds(inputs, run)
     active = any(t is not None for t in thresholds)
     need_theta = active and not (p.fallback_to_base and base is not None)
-    chunks = []
+    mode = p.masked_task_vector_merge_method if base is not None else "precond"
+    flat_base = base.reshape(-1) if base is not None else None
+    sums: dict[str, torch.Tensor] = {}  # "num" Σwτ, "den" Σw, "acc" Στ (linear), "theta" Σθ: whole chunk
+    vectors: list[torch.Tensor] = []  # ties: every expert's τ'
+    kept: list[tuple[int, int]] = []
+    shape = tiles = None
     for i in range(len(experts)):
         moment = _second_moment(inputs, i)
         if moment is None:
             return _missing(inputs, p, i)
-        chunks.append(_expert_chunk(inputs, i, moment, p, state, thresholds[i], need_theta))
+        c = _expert_chunk(inputs, i, moment, p, state, thresholds[i], need_theta)
         del moment
-    shape = base.shape if base is not None else chunks[0].shape  # without a base: θ₀'s chunk as loaded
+        if tiles is None:
+            shape = base.shape if base is not None else c.shape  # without a base: θ₀'s chunk as loaded
+            tiles = _tiles(math.prod(shape), c, base.device if base is not None else c.loaded.device)
+            for key in ("num", "den") + (("acc",) if mode == "linear" else ()) + (("theta",) if need_theta else ()):
+                sums[key] = torch.empty(math.prod(shape), dtype=torch.float32, device=inputs.device)
+        x_all = torch.empty_like(sums["den"]) if mode == "ties" else None
+        ones = 0
+        for lo, hi in tiles:
+            ones += _expert_tile(inputs, p, c, i == 0, flat_base, lo, hi, mode, sums, x_all)
+        if c.threshold is not None:
+            kept.append((i, ones))
+        if x_all is not None:
+            vectors.append(x_all)
+        del c, x_all
     count = math.prod(shape)
-    out = torch.empty(count, dtype=torch.float32, device=base.device if base is not None else chunks[0].loaded.device)
-    kept = [0] * len(chunks)
-    flat_base = base.reshape(-1) if base is not None else None
-    for lo, hi in _tiles(count, chunks, out.device):
-        n_fully = _merge_tile(inputs, p, chunks, flat_base, lo, hi, active, need_theta, kept, out[lo:hi])
+    out = sums["num"] if mode == "precond" else sums["acc"] if mode == "linear" else torch.empty_like(sums["den"])
+    for lo, hi in tiles:
+        n_fully = _finish_tile(p, len(experts), active, mode, sums, vectors, flat_base, lo, hi, out[lo:hi])
         if run is not None:
             run.all_masked += n_fully
     if run is not None:
-        for i, c in enumerate(chunks):
-            if c.threshold is not None:
-                run.kept[i] += kept[i]
-                run.seen[i] += count
+        for i, ones in kept:
+            run.kept[i] += ones
+            run.seen[i] += count
     return out.view(shape)
 
 
-def _merge_tile(inputs: ChunkInputs, p: OtaParams, chunks: list[_ExpertChunk], flat_base: torch.Tensor | None,
-                lo: int, hi: int, active: bool, need_theta: bool, kept: list[int], out: torch.Tensor) -> int:
-    """Chunk elements [lo, hi) into ``out``; adds each expert's kept entries to ``kept``; returns how
-    many entries had every expert masked."""
+def _expert_tile(inputs: ChunkInputs, p: OtaParams, c: _ExpertChunk, first: bool, flat_base: torch.Tensor | None,
+                 lo: int, hi: int, mode: str, sums: dict[str, torch.Tensor], x_all: torch.Tensor | None) -> int:
+    """One expert's terms for chunk elements [lo, hi), added into ``sums`` (set by the first expert);
+    returns how many entries its mask keeps."""
     base = flat_base[lo:hi] if flat_base is not None else None
-    mode = p.masked_task_vector_merge_method if base is not None else "precond"
-    n = len(chunks)
-    num = den = acc = theta = None
-    vectors: list[torch.Tensor] = []
-    for i, c in enumerate(chunks):
-        if base is None:
-            x = c.loaded[lo:hi]
-        elif c.stored is not None:  # ExpertInput.delta: widened by a plain copy, then subtracted in fp32
-            x = torch.empty_like(base).copy_(c.stored[lo:hi]).sub_(base)
+    if base is None:
+        x = c.loaded[lo:hi]
+    elif c.stored is not None:  # ExpertInput.delta: widened by a plain copy, then subtracted in fp32
+        x = torch.empty_like(base).copy_(c.stored[lo:hi]).sub_(base)
+    else:
+        x = c.loaded[lo:hi] - base
+    if "theta" in sums:
+        theta = sums["theta"][lo:hi]
+        if first:
+            theta.copy_(c.loaded[lo:hi])
         else:
-            x = c.loaded[lo:hi] - base
-        if need_theta:
-            th = c.loaded[lo:hi]
-            theta = th.clone() if theta is None else theta.add_(th)
-            del th
-        t = c.threshold
-        v = None
-        if c.dense is not None:
-            v = c.dense[lo:hi]
-        elif t is not None:
-            v = _rank1_tile(c.rank1, c.rank1.rows, c.rank1.cols, lo, hi)
-        keep = None
-        if t is not None:
-            keep = _keep(inputs, v, x, t)
-            kept[i] += _count_ones(keep)
-        if c.dense is not None:  # _Moment.weight on dense v (consumed)
-            if c.correction != 1.0:
-                v *= c.correction
-            w = ota_weight(v, c.scale, p.power, p.epsilon)
-        else:
-            w = _rank1_tile(c.rank1, c.w_rows, c.w_cols, lo, hi, plus=p.epsilon)
-        del v
+            theta.add_(c.loaded[lo:hi])
+    t = c.threshold
+    v = None
+    if c.dense is not None:
+        v = c.dense[lo:hi]
+    elif t is not None:
+        v = _rank1_tile(c.rank1, c.rank1.rows, c.rank1.cols, lo, hi)
+    keep, ones = None, 0
+    if t is not None:
+        keep = _keep(inputs, v, x, t)
+        ones = _count_ones(keep)
+    if c.dense is not None:  # _Moment.weight on dense v (consumed)
+        if c.correction != 1.0:
+            v *= c.correction
+        w = ota_weight(v, c.scale, p.power, p.epsilon)
+    else:
+        w = _rank1_tile(c.rank1, c.w_rows, c.w_cols, lo, hi, plus=p.epsilon)
+    del v
+    if keep is not None:
+        w.mul_(keep)
+    if base is not None and p.rescale:
         if keep is not None:
-            w.mul_(keep)
-        if base is not None and p.rescale:
-            if keep is not None:
-                x.mul_(keep)
-            if c.rescale is not None and c.rescale != 1.0:
-                x.mul_(c.rescale)
-        del keep
-        if mode == "precond":
-            num = w.mul(x) if num is None else num.addcmul_(w, x)
-        elif mode == "linear":
-            acc = x if acc is None else acc.add_(x)
+            x.mul_(keep)
+        if c.rescale is not None and c.rescale != 1.0:
+            x.mul_(c.rescale)
+    del keep
+    num, den = sums["num"][lo:hi], sums["den"][lo:hi]
+    if mode == "precond":
+        if first:
+            torch.mul(w, x, out=num)
         else:
-            vectors.append(x)
-        den = w if den is None else den.add_(w)
-        del w, x
+            num.addcmul_(w, x)
+    elif mode == "linear":
+        acc = sums["acc"][lo:hi]
+        if first:
+            acc.copy_(x)
+        else:
+            acc.add_(x)
+    else:
+        x_all[lo:hi] = x
+    if first:
+        den.copy_(w)
+    else:
+        den.add_(w)
+    return ones
+
+
+def _finish_tile(p: OtaParams, n: int, active: bool, mode: str, sums: dict[str, torch.Tensor],
+                 vectors: list[torch.Tensor], flat_base: torch.Tensor | None, lo: int, hi: int,
+                 out: torch.Tensor) -> int:
+    """The merged chunk elements [lo, hi) into ``out`` (which may be the tile of a sum); returns how many
+    entries had every expert masked."""
+    base = flat_base[lo:hi] if flat_base is not None else None
+    den = sums["den"][lo:hi]
     fully = den <= n * p.epsilon * 1.1 if active else None
     if mode == "precond":
-        merged = num.div_(den.clamp_(min=SMALLEST_SUBNORMAL) if active else den)
+        merged = sums["num"][lo:hi].div_(den.clamp_(min=SMALLEST_SUBNORMAL) if active else den)
     elif mode == "linear":
-        merged = acc.div_(n)
+        merged = sums["acc"][lo:hi].div_(n)
     else:
-        merged = _ties(vectors).div_(n)
+        merged = _ties([x[lo:hi] for x in vectors]).div_(n)
     if base is not None:
         merged = merged.add_(base)
     n_fully = 0
     if fully is not None:
         n_fully = int(torch.count_nonzero(fully))
         if n_fully:
-            fallback = base if p.fallback_to_base and base is not None else theta.div_(n)
+            fallback = base if p.fallback_to_base and base is not None else sums["theta"][lo:hi].div_(n)
             merged = torch.where(fully, fallback, merged)
-    out.copy_(merged)
+    if merged.data_ptr() != out.data_ptr():
+        out.copy_(merged)
     return n_fully
 
 
