@@ -42,6 +42,9 @@ from .io.second_moment_sources import TORCH_SUFFIXES, Source, _lookup, open_sour
 from .sidecar import SecondMoments, load
 
 RANK1_BLOCK_ELEMENTS = 1 << 22  # rows of the rank-1 sums are read this many elements at a time (few ops)
+# the value check and the row sums run over tiles of whole rows of at most this many elements: below
+# torch's parallel grain (32768), so each is one cache-resident, single-threaded pass
+RANK1_TILE_ELEMENTS = (1 << 15) - 1
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "word_embeddings.weight",
                       "embed_out.weight", "embed_in.weight")
 
@@ -181,11 +184,19 @@ class Preconditioner(SecondMoments):
             # total in fp64
             r = torch.empty(m, dtype=torch.float32)
             c = torch.zeros(n, dtype=torch.float32)
+            step = max(1, RANK1_TILE_ELEMENTS // max(n, 1))  # rows per tile
             for lo, hi, block in self._rows(name, RANK1_BLOCK_ELEMENTS):
-                self._check_values(name, block)
-                torch.sum(block, dim=1, out=r[lo:hi])
+                # the check and the row sums tile by tile (whole rows: the same bits as over the block)
+                extremes = []
+                for a in range(0, hi - lo, step):
+                    tile = block[a : a + step]
+                    extremes.append(torch.aminmax(tile))
+                    torch.sum(tile, dim=1, out=r[lo + a : lo + a + tile.shape[0]])
+                if extremes and not (min(float(e[0]) for e in extremes) >= 0
+                                     and math.isfinite(max(float(e[1]) for e in extremes))):
+                    self._check_values(name, block)  # raises, naming the block's extremes
                 c += block.sum(dim=0)
-                del block
+                del block, extremes
             total = float(r.sum(dtype=torch.float64))
             cols = (c.to(torch.float64) / total).to(torch.float32) if total != 0 else torch.zeros(n)
             factors = (r, cols)

@@ -24,7 +24,8 @@ import streammerge
 from streammerge.config import parse_config
 from streammerge.errors import StreamMergeError
 from streammerge.io import second_moment_factors
-from streammerge.methods.ota_authors import BLOCK, BlockSum, hybrid_norm, rescale_factor
+from streammerge.methods import group_sums
+from streammerge.methods.ota_authors import hybrid_norm, rescale_factor
 from streammerge.preconditioners import Preconditioner, is_embedding
 from streammerge.sidecar import RawSecondMoments, convert
 
@@ -194,7 +195,7 @@ def test_masks_are_active_and_fall_back(tmp_path):
                                   "x_ablation_global.yml"])
 def test_bytes_do_not_depend_on_chunking(name, tmp_path, monkeypatch):
     monkeypatch.setattr(second_moment_factors, "BLOCK_ELEMENTS", 96)  # several rank-K row blocks per tensor
-    monkeypatch.setattr("streammerge.methods.ota_authors.BLOCK", 64)  # several normalise blocks per tensor
+    monkeypatch.setattr(group_sums, "UNIT", 64)  # several summation units of the global mean per tensor
     outs = []
     for chunk in (1 << 22, 100, 64):
         streammerge.merge(config_of(CONFIGS / name), tmp_path / str(chunk), chunk_elements=chunk)
@@ -282,17 +283,6 @@ def test_hybrid_norms():
     assert rescale_factor(2.0, 1.0, 1e-6) == 2.0
     assert rescale_factor(2.0, 1e-9, 1e-6) == 0.0 and rescale_factor(2.0, float("nan"), 1e-6) == 0.0
     assert rescale_factor(float("nan"), 1.0, 1e-6) is None
-
-
-def test_block_sum_does_not_depend_on_chunk_boundaries():
-    x = torch.rand(3 * BLOCK + 123, generator=torch.Generator().manual_seed(3))
-    totals = []
-    for step in (len(x), BLOCK, 1000, 77777):
-        s = BlockSum()
-        for start in range(0, len(x), step):
-            s.add(start, x[start:start + step])
-        totals.append(s.finish())
-    assert len(set(totals)) == 1 and totals[0] == pytest.approx(float(x.double().sum()), rel=1e-12)
 
 
 # --- bad input: one line naming the file and key, nothing written ---------------------------------------

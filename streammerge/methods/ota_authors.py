@@ -24,8 +24,9 @@ RMS→RMS = √(d_in/d_out)·σ_max (exact, or 10 power-iteration steps with ``a
 from a start vector seeded by the config seed and tensor name, so runs repeat); 1-D: RMS.
 
 Whole-tensor statistics (the ``global`` mean, the rescale factors) come from ``prepare``: the mean is
-summed in fp64 over fixed 2¹⁶-element blocks aligned to the tensor start (``BlockSum``), so it does not
-depend on chunking; each rescale factor
+summed by ``GroupSums`` on fp64 terms (fp64 sums of fixed 2¹⁴-element units aligned to the tensor start,
+each below torch's parallel grain, added in order), so it depends neither on the chunking nor on the
+thread count; each rescale factor
 is computed from the whole task vector of one expert at a time (one fp32 tensor plus its mask).
 """
 
@@ -39,7 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .base import SECOND_MOMENT, ChunkInputs
+from .base import SECOND_MOMENT, ChunkInputs, Rank1Chunk
+from .group_sums import GroupSums
 from .ota import (
     SMALLEST_SUBNORMAL,
     OtaModelParams,
@@ -49,12 +51,13 @@ from .ota import (
     _count_ones,
     _linear_merge,
     _second_moment,
+    ota_weight,
     saliency,
 )
 
 log = logging.getLogger(__name__)
 
-BLOCK = 1 << 16  # fixed block (elements) of fp64 partial sums, aligned to the tensor's start
+FEED_ELEMENTS = 1 << 20  # normalise: global: terms widened to fp64 this many at a time for GroupSums
 POWER_ITERATIONS = 10  # their _approximate_spectral_norm
 L1_RMS_NAMES = ("lm_head.weight", "model.embed_tokens.weight")  # their exact names for the ℓ1→RMS norm
 AUTHORS_GLOBAL = {"normalise": "none", "rescale": False, "approximate_norm": False,
@@ -168,36 +171,6 @@ def _keep(inputs: ChunkInputs, v: torch.Tensor, x: torch.Tensor, threshold: floa
     return v.ge(threshold).to(torch.float32)
 
 
-class BlockSum:
-    """Σ of a tensor fed chunk by chunk, in order: fp64 sums of fixed ``BLOCK``-element blocks aligned to the
-    tensor's start (a block split across chunks is completed before it is summed), added in block order,
-    so the total does not depend on where the chunks begin and end."""
-
-    def __init__(self):
-        self.total, self._pending = 0.0, None  # the started block's leading values
-
-    def add(self, start: int, x: torch.Tensor) -> None:
-        flat = x.reshape(-1)
-        if self._pending is not None:
-            flat = torch.cat([self._pending, flat])
-            start -= self._pending.numel()
-            self._pending = None
-        head = (-start) % BLOCK  # values before the next block boundary: only when start is mid-block
-        if head:
-            raise ValueError("BlockSum: chunks must be fed in order from the tensor's start")
-        full = flat.numel() // BLOCK * BLOCK
-        for block in torch.split(flat[:full], BLOCK):
-            self.total += float(block.sum(dtype=torch.float64))
-        if full < flat.numel():
-            self._pending = flat[full:].clone()
-
-    def finish(self) -> float:
-        if self._pending is not None:
-            self.total += float(self._pending.sum(dtype=torch.float64))
-            self._pending = None
-        return self.total
-
-
 def _needs_statistics(params: OtaParams, model_params: list[OtaModelParams]) -> bool:
     authors = any(mp.preconditioner_path is not None for mp in model_params)
     return authors and (params.normalise.lower() == "global" or params.rescale)
@@ -214,6 +187,7 @@ def prepare(chunks) -> AuthorsTensorState | None:
     p, base_known = _resolved(first), first.base is not None
     run = first.run if isinstance(first.run, OtaRun) else None
     n_experts, shape, name, seed = len(first.experts), first.shape, first.tensor, first.seed
+    first_device = first.device
     factors = [e.params.scaling_factor for e in first.experts]
     if any(SECOND_MOMENT not in e.aux for e in first.experts):
         return None  # merged linearly (missing_second_moment: linear)
@@ -221,17 +195,18 @@ def prepare(chunks) -> AuthorsTensorState | None:
     scales = rescale = None
     numel = math.prod(shape)
     if p.normalise.lower() == "global" and numel:
-        sums = [BlockSum() for _ in range(n_experts)]
+        sums = [GroupSums(shape, "all", first_device) for _ in range(n_experts)]
         for inputs in chunks():
             for i, e in enumerate(inputs.experts):
                 moment = _second_moment(inputs, i)
                 correction = _correction(inputs, i) if p.bias_correction else 1.0
                 v = moment.v() if moment.rank1 is None else None
-                pw = moment.weight(v, e.params.scaling_factor, p.power, 0.0, correction)
-                sums[i].add(inputs.start, pw)
+                pw = moment.weight(v, e.params.scaling_factor, p.power, 0.0, correction).reshape(-1)
+                for a in range(0, pw.numel(), FEED_ELEMENTS):  # fp64 terms, so each unit is summed in fp64
+                    sums[i].add(inputs.start + a, pw[a : a + FEED_ELEMENTS].to(torch.float64))
                 del pw, v, moment
             del inputs
-        mean = [float(torch.tensor(s.finish() / numel, dtype=torch.float32)) for s in sums]
+        mean = [float(torch.tensor(float(s.result()[0]) / numel, dtype=torch.float32)) for s in sums]
         scales = [c / (m + p.epsilon) for c, m in zip(factors, mean, strict=True)]
     if p.rescale and base_known:
         seed32 = zlib.crc32(f"{seed}:{name}".encode())
@@ -268,8 +243,96 @@ def _rescale_one(chunks, i: int, shape, name: str, p: OtaParams, run: OtaRun | N
 # --- the chunk-level merge ------------------------------------------------------------------------------
 
 
+TILE_ELEMENTS = (1 << 15) - 1  # elements of one tile of the merge: below torch's parallel grain (32768), so one thread
+
+
+@dataclass
+class _ExpertChunk:
+    """One expert's inputs for the whole chunk, read once; the merge slices tiles from them (flat, fp32
+    unless ``stored``)."""
+
+    shape: torch.Size  # the chunk's, as loaded
+    stored: torch.Tensor | None  # the chunk as stored (bf16/fp16/fp32), widened and less the base per tile
+    loaded: torch.Tensor | None  # θᵢ in fp32 (``load``): without a base, or for the fully masked mean
+    dense: torch.Tensor | None  # v (dense second moments)
+    rank1: Rank1Chunk | None  # v as factors (``rank1_approx``)
+    w_rows: torch.Tensor | None  # rank-1: cᵢ·(k·r)^p over the chunk's rows, so that w = w_rows ⊗ w_cols + ε
+    w_cols: torch.Tensor | None
+    threshold: float | None
+    scale: float
+    correction: float
+    rescale: float | None
+
+
+def _expert_chunk(inputs: ChunkInputs, i: int, moment, p: OtaParams, state, threshold: float | None,
+                  need_theta: bool) -> _ExpertChunk:
+    e, base = inputs.experts[i], inputs.base
+    stored = loaded = None
+    if base is not None and e.load_stored is not None:
+        stored = e.load_stored()
+        if stored.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            stored = None  # ``ExpertInput.delta``'s fallback: the fp32 load
+    if stored is None or need_theta:
+        loaded = e.load()
+    shape = stored.shape if stored is not None else loaded.shape
+    scale = state.scales[i] if state is not None and state.scales is not None else e.params.scaling_factor
+    correction = _correction(inputs, i) if p.bias_correction else 1.0
+    w_rows = w_cols = None
+    if moment.rank1 is not None:  # _Moment.weight's factors, once per chunk: (k·r ⊗ c)^p = (k·r)^p ⊗ c^p
+        f = moment.rank1
+        rows = f.rows * correction if correction != 1.0 else f.rows
+        w_rows, w_cols = (rows.sqrt(), f.cols.sqrt()) if p.power == 0.5 else (rows.pow(p.power), f.cols.pow(p.power))
+        if scale != 1.0:
+            w_rows = w_rows * scale
+    rescale = state.rescale[i] if state is not None and state.rescale is not None else None
+    dense = moment.dense
+    if dense is not None and dense.numel() != math.prod(shape):
+        raise ConfigError(f"ota: {inputs.tensor}: expert #{i}'s second moment has {dense.numel()} elements, "
+                          f"its tensor chunk {math.prod(shape)}; the preconditioner belongs to another model")
+    return _ExpertChunk(shape, _flat(stored), _flat(loaded), _flat(dense), moment.rank1, w_rows, w_cols,
+                        threshold, scale, correction, rescale)
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1)
+
+
+def _rank1_tile(f: Rank1Chunk, rows: torch.Tensor, cols: torch.Tensor, lo: int, hi: int,
+                plus: float | None = None) -> torch.Tensor:
+    """Chunk elements [lo, hi) of ``rows ⊗ cols (+ plus)``: the same bits as ``Rank1Chunk.expand`` there."""
+    n = cols.numel()
+    first, last = f.offset + lo, f.offset + hi
+    r0, r1 = first // n, (last - 1) // n + 1
+    full = torch.outer(rows[r0:r1], cols)
+    if plus is not None:
+        full.add_(plus)
+    return full.reshape(-1)[first - r0 * n : last - r0 * n]
+
+
+def _tiles(count: int, chunk: _ExpertChunk, device: torch.device) -> list[tuple[int, int]]:
+    """[lo, hi) tiles of a chunk of ``count`` elements: on the CPU, with rank-1 factors, whole rows of the
+    tensor (about TILE_ELEMENTS each), so that no tile expands rows it does not use, else TILE_ELEMENTS
+    each; on an accelerator the whole chunk (small kernels would cost launches, not save memory traffic)."""
+    if device.type != "cpu":
+        return [(0, count)] if count else []
+    f = chunk.rank1  # the first expert's factors (tiles of any other cut give the same bits)
+    if f is None or count == 0:
+        return [(lo, min(lo + TILE_ELEMENTS, count)) for lo in range(0, count, TILE_ELEMENTS)]
+    n = f.cols.numel()
+    step = max(1, TILE_ELEMENTS // n) * n
+    head = (-f.offset) % n  # elements before the chunk's first row boundary
+    cuts = [0, *range(head, count, step), count]
+    return [(lo, hi) for lo, hi in zip(cuts, cuts[1:], strict=False) if hi > lo]
+
+
 def merge(inputs: ChunkInputs) -> torch.Tensor:
-    """The authors' OTA for one chunk (see the module docstring). fp32 in, fp32 out, the chunk's shape."""
+    """The authors' OTA for one chunk (see the module docstring). fp32 in, fp32 out, the chunk's shape.
+
+    Experts are taken one at a time (one expert's chunk in memory, as the engine plans), and each
+    expert's ten or so elementwise passes run tile by tile (``_tiles``) on data in the CPU cache, adding
+    into whole-chunk sums; the sums are then finished tile by tile. Each entry's value depends only on
+    that entry's inputs, in the same order of operations, so the tiles give the bytes whole-chunk passes
+    give."""
     p, base, experts = _resolved(inputs), inputs.base, inputs.experts
     run = inputs.run if isinstance(inputs.run, OtaRun) else None
     state = inputs.state if isinstance(inputs.state, AuthorsTensorState) else None
@@ -279,69 +342,134 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
         return base.clone()
     thresholds = _masks_thresholds(inputs, run)
     active = any(t is not None for t in thresholds)
-    mode = p.masked_task_vector_merge_method if base is not None else "precond"
-    n = len(experts)
     need_theta = active and not (p.fallback_to_base and base is not None)
-    num = den = acc = theta = None
-    vectors: list[torch.Tensor] = []
-    counts = []
-    for i, e in enumerate(experts):
+    mode = p.masked_task_vector_merge_method if base is not None else "precond"
+    flat_base = base.reshape(-1) if base is not None else None
+    sums: dict[str, torch.Tensor] = {}  # "num" Σwτ, "den" Σw, "acc" Στ (linear), "theta" Σθ: whole chunk
+    vectors: list[torch.Tensor] = []  # ties: every expert's τ'
+    kept: list[tuple[int, int]] = []
+    shape = tiles = None
+    for i in range(len(experts)):
         moment = _second_moment(inputs, i)
         if moment is None:
             return _missing(inputs, p, i)
-        x = e.delta(base) if base is not None else e.load()
-        if need_theta:
-            th = x if base is None else e.load()
-            theta = th.clone() if theta is None else theta.add_(th)
-            del th
-        t = thresholds[i]
-        v = moment.v().view(x.shape) if t is not None or moment.rank1 is None else None
-        keep = None
-        if t is not None:
-            keep = _keep(inputs, v, x, t)
-            counts.append((i, _count_ones(keep), keep.numel()))
-        scale = state.scales[i] if state is not None and state.scales is not None else e.params.scaling_factor
-        correction = _correction(inputs, i) if p.bias_correction else 1.0
-        w = moment.weight(v, scale, p.power, p.epsilon, correction).view(x.shape)
-        del v, moment
-        if keep is not None:
-            w.mul_(keep)
-        if base is not None and p.rescale:
-            s = state.rescale[i] if state is not None and state.rescale is not None else None
-            if keep is not None:
-                x.mul_(keep)
-            if s is not None and s != 1.0:
-                x.mul_(s)
-        del keep
-        if mode == "precond":
-            num = w.mul(x) if num is None else num.addcmul_(w, x)
-        elif mode == "linear":
-            acc = x if acc is None else acc.add_(x)
-        else:
-            vectors.append(x)
-        den = w if den is None else den.add_(w)
-        del w, x
-    fully = den <= n * p.epsilon * 1.1 if active else None
-    if mode == "precond":
-        merged = num.div_(den.clamp_(min=SMALLEST_SUBNORMAL) if active else den)
-    elif mode == "linear":
-        merged = acc.div_(n)
-    else:
-        merged = _ties(vectors).div_(n)
-    if base is not None:
-        merged = merged.add_(base)
-    if fully is not None:
-        n_fully = int(torch.count_nonzero(fully))
-        if n_fully:
-            fallback = base if p.fallback_to_base and base is not None else theta.div_(n)
-            merged = torch.where(fully, fallback, merged)
+        c = _expert_chunk(inputs, i, moment, p, state, thresholds[i], need_theta)
+        del moment
+        if tiles is None:
+            shape = base.shape if base is not None else c.shape  # without a base: θ₀'s chunk as loaded
+            tiles = _tiles(math.prod(shape), c, base.device if base is not None else c.loaded.device)
+            for key in ("num", "den") + (("acc",) if mode == "linear" else ()) + (("theta",) if need_theta else ()):
+                sums[key] = torch.empty(math.prod(shape), dtype=torch.float32, device=inputs.device)
+        x_all = torch.empty_like(sums["den"]) if mode == "ties" else None
+        ones = 0
+        for lo, hi in tiles:
+            ones += _expert_tile(inputs, p, c, i == 0, flat_base, lo, hi, mode, sums, x_all)
+        if c.threshold is not None:
+            kept.append((i, ones))
+        if x_all is not None:
+            vectors.append(x_all)
+        del c, x_all
+    count = math.prod(shape)
+    out = sums["num"] if mode == "precond" else sums["acc"] if mode == "linear" else torch.empty_like(sums["den"])
+    for lo, hi in tiles:
+        n_fully = _finish_tile(p, len(experts), active, mode, sums, vectors, flat_base, lo, hi, out[lo:hi])
         if run is not None:
             run.all_masked += n_fully
     if run is not None:
-        for i, kept, seen in counts:
-            run.kept[i] += kept
-            run.seen[i] += seen
-    return merged
+        for i, ones in kept:
+            run.kept[i] += ones
+            run.seen[i] += count
+    return out.view(shape)
+
+
+def _expert_tile(inputs: ChunkInputs, p: OtaParams, c: _ExpertChunk, first: bool, flat_base: torch.Tensor | None,
+                 lo: int, hi: int, mode: str, sums: dict[str, torch.Tensor], x_all: torch.Tensor | None) -> int:
+    """One expert's terms for chunk elements [lo, hi), added into ``sums`` (set by the first expert);
+    returns how many entries its mask keeps."""
+    base = flat_base[lo:hi] if flat_base is not None else None
+    if base is None:
+        x = c.loaded[lo:hi]
+    elif c.stored is not None:  # ExpertInput.delta: widened by a plain copy, then subtracted in fp32
+        x = torch.empty_like(base).copy_(c.stored[lo:hi]).sub_(base)
+    else:
+        x = c.loaded[lo:hi] - base
+    if "theta" in sums:
+        theta = sums["theta"][lo:hi]
+        if first:
+            theta.copy_(c.loaded[lo:hi])
+        else:
+            theta.add_(c.loaded[lo:hi])
+    t = c.threshold
+    v = None
+    if c.dense is not None:
+        v = c.dense[lo:hi]
+    elif t is not None:
+        v = _rank1_tile(c.rank1, c.rank1.rows, c.rank1.cols, lo, hi)
+    keep, ones = None, 0
+    if t is not None:
+        keep = _keep(inputs, v, x, t)
+        ones = _count_ones(keep)
+    if c.dense is not None:  # _Moment.weight on dense v (consumed)
+        if c.correction != 1.0:
+            v *= c.correction
+        w = ota_weight(v, c.scale, p.power, p.epsilon)
+    else:
+        w = _rank1_tile(c.rank1, c.w_rows, c.w_cols, lo, hi, plus=p.epsilon)
+    del v
+    if keep is not None:
+        w.mul_(keep)
+    if base is not None and p.rescale:
+        if keep is not None:
+            x.mul_(keep)
+        if c.rescale is not None and c.rescale != 1.0:
+            x.mul_(c.rescale)
+    del keep
+    num, den = sums["num"][lo:hi], sums["den"][lo:hi]
+    if mode == "precond":
+        if first:
+            torch.mul(w, x, out=num)
+        else:
+            num.addcmul_(w, x)
+    elif mode == "linear":
+        acc = sums["acc"][lo:hi]
+        if first:
+            acc.copy_(x)
+        else:
+            acc.add_(x)
+    else:
+        x_all[lo:hi] = x
+    if first:
+        den.copy_(w)
+    else:
+        den.add_(w)
+    return ones
+
+
+def _finish_tile(p: OtaParams, n: int, active: bool, mode: str, sums: dict[str, torch.Tensor],
+                 vectors: list[torch.Tensor], flat_base: torch.Tensor | None, lo: int, hi: int,
+                 out: torch.Tensor) -> int:
+    """The merged chunk elements [lo, hi) into ``out`` (which may be the tile of a sum); returns how many
+    entries had every expert masked."""
+    base = flat_base[lo:hi] if flat_base is not None else None
+    den = sums["den"][lo:hi]
+    fully = den <= n * p.epsilon * 1.1 if active else None
+    if mode == "precond":
+        merged = sums["num"][lo:hi].div_(den.clamp_(min=SMALLEST_SUBNORMAL) if active else den)
+    elif mode == "linear":
+        merged = sums["acc"][lo:hi].div_(n)
+    else:
+        merged = _ties([x[lo:hi] for x in vectors]).div_(n)
+    if base is not None:
+        merged = merged.add_(base)
+    n_fully = 0
+    if fully is not None:
+        n_fully = int(torch.count_nonzero(fully))
+        if n_fully:
+            fallback = base if p.fallback_to_base and base is not None else sums["theta"][lo:hi].div_(n)
+            merged = torch.where(fully, fallback, merged)
+    if merged.data_ptr() != out.data_ptr():
+        out.copy_(merged)
+    return n_fully
 
 
 def _ties(vectors: list[torch.Tensor]) -> torch.Tensor:
