@@ -215,6 +215,20 @@ def test_multislerp_cancelling_models_are_refused():
         ours("multislerp", b, experts, {}, [{"weight": 1.0}, {"weight": 2.0}, {"weight": 1.0}])
 
 
+def test_multislerp_tensor_no_expert_changed_is_the_base():
+    """Every task vector exactly zero (a layer no expert trained): the base's bytes, where mergekit 0.1.5
+    raises "nearly antipodal"; a tensor that did change still merges, and cancelling ones are still refused."""
+    b = randn(6, 5)
+    got = ours("multislerp", b, [b.clone(), b.clone(), b.clone()], {}, [{"weight": 1.0}] * 3)
+    assert torch.equal(got, b)
+    with pytest.raises(ValueError, match="antipodal"):
+        theirs("multislerp", b, [b.clone(), b.clone(), b.clone()], {"weight": [1.0, 1.0, 1.0]})
+    moved = b.clone()
+    moved[0, 0] += 1.0  # one element changed in one expert: a real merge again, mergekit's result
+    close(ours("multislerp", b, [moved, b.clone(), b.clone()], {}, [{"weight": 1.0}] * 3),
+          theirs("multislerp", b, [moved, b.clone(), b.clone()], {"weight": [1.0, 1.0, 1.0]}))
+
+
 def test_arcee_fusion_quantiles_are_exact_sorted_elements():
     from streammerge.methods.arcee_fusion import kth_smallest
 

@@ -58,7 +58,7 @@ from quality.merges import (
 )
 from quality.sentence_tasks import TASK_NAMES, Split, make_splits
 
-LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.5)
+LAMBDAS = (0.25, 0.5, 1.0, 1.5)  # 1/N (the mean task vector for N = 4) up to 1.5x the sum
 TARGETS = ["query", "value", "intermediate.dense", "output.dense"]
 
 

@@ -97,6 +97,10 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> _State | None:
         mean_sq.add(inputs.start, m * m)
         del m
     mean_norm = float(mean_sq.result()[0]) ** 0.5
+    if inputs.base is not None and not bool(norms.any()):
+        # every model equals the base here (e.g. a layer no expert trained): the base, unchanged. mergekit
+        # 0.1.5 raises "nearly antipodal" for this; there is nothing to interpolate, so nothing to refuse
+        return _State([0.0] * n, True)
     if mean_norm < eps:
         if n == 2:
             return _State(w.tolist(), True)
