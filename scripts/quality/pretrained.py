@@ -9,7 +9,7 @@ Base: ``all-MiniLM-L6-v2`` (a 22 M-parameter BERT encoder, 6 layers, hidden 384)
 ``sentence_tasks.py`` (2000 / 250 / 500 examples: train / validation, which only chooses λ / test). Per
 task and seed a linear probe on the base's frozen mean-pooled features (the "linear probe" column:
 what the task gives without changing the encoder), then three experts, each starting from that probe
-as its head and trained jointly with it (linear probing then fine-tuning, LP-FT; AdamW, batch 32, 80
+as its head and trained jointly with it (linear probing then fine-tuning, LP-FT; AdamW, batch 32, 60
 steps):
 
 - full fine-tuning at a small learning rate (5e-5), the encoder's AdamW second moments exported with
@@ -67,7 +67,7 @@ class PretrainedSettings:
     tasks: tuple[str, ...] = TASK_NAMES
     sizes: tuple[int, int, int] = (2000, 250, 500)
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 80
+    steps: int = 60
     batch: int = 32
     full_lr: float = 5e-5
     lora_lr: float = 1e-3
@@ -456,28 +456,31 @@ def run_seed(s: PretrainedSettings, seed: int, work: Path, pool, log, smoke: boo
                               1 if sweep else 2, sweep)
             pending.append((entry, lam, out, job))
 
-    rows = {}
-    for entry, lam, out, job in pending:
-        row = rows.setdefault((entry.name, entry.expert_set), (Row(entry.name, entry.expert_set, entry.hyper), []))
-        r = job.result()
-        if not r["ok"]:
-            row[0].status = "not available" if r["not_available"] else f"failed: {r['message']}"
-        row[1].append((lam, out, r))
-
-    # 3. the validation-chosen λ of each row, scored on test (a tie goes to the smaller λ)
+    # 3. as soon as a row's sweep is in: its validation-chosen λ scored on test (a tie goes to the smaller λ)
+    rows: dict[tuple[str, str], tuple[Row, list]] = {}
     finals = []
-    for (row, results) in rows.values():
+
+    def finish(row: Row, results: list) -> None:
         if row.status != "ok":
-            continue
+            return
         if len(results) == 1:
-            lam, _, r = results[0]
-            finals.append((row, lam, None, r["acc"]))
-            continue
+            finals.append((row, results[0][0], None, results[0][2]["acc"]))
+            return
         best = max(results, key=lambda x: (normalized(x[2]["acc"], row.kind), -results.index(x)))
         finals.append((row, best[0], pool.submit(_score_job, best[1], row.kind, seed, s, work), None))
         for _lam, out, _ in results:
             if out != best[1]:
                 shutil.rmtree(out, ignore_errors=True)
+
+    for i, (entry, lam, out, job) in enumerate(pending):
+        row, results = rows.setdefault((entry.name, entry.expert_set),
+                                       (Row(entry.name, entry.expert_set, entry.hyper), []))
+        r = job.result()
+        if not r["ok"]:
+            row.status = "not available" if r["not_available"] else f"failed: {r['message']}"
+        results.append((lam, out, r))
+        if i + 1 == len(pending) or pending[i + 1][0] is not entry:
+            finish(row, results)
     for row, lam, job, acc in finals:
         row.lam = lam
         row.test = acc if job is None else job.result()["acc"]

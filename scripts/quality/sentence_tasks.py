@@ -13,8 +13,8 @@ occur.
 
 Three more generators are kept but are not in ``TASK_NAMES``: ``colour`` (two animals with colours, a
 question about one: 1 if its colour is warm), ``compare`` (the box and the bag held some apples: 1 if the
-box held more) and ``order`` ("P arrived before Q … was X first ?"). Within the benchmark's budget (80
-LP-FT steps) the experts did not learn them (colour: full and LoRA experts at the probe's 0.76; order:
+box held more) and ``order`` ("P arrived before Q … was X first ?"). Within 80 LP-FT steps (the benchmark
+uses 60) the experts did not learn them (colour: full and LoRA experts at the probe's 0.76; order:
 OFT at 0.54, probe 0.51; compare: at chance even after 200 steps without the probe start), and a task
 whose experts learn nothing makes every merge look perfect in normalised accuracy.
 
