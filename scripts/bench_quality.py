@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.pretrained:
         from quality import pretrained
 
+        if args.report_only:
+            return pretrained.report_only(args.out_dir)
+
         work = args.work_dir if args.work_dir != ROOT / "bench_data" / "quality" else ROOT / "bench_data" / "pretrained"
         return pretrained.main(args.out_dir, work.resolve(), args.package_root, args.seeds, args.smoke, args.threads,
                                args.workers)

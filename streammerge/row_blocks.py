@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .threads import one_thread
+
 BLOCK_ELEMENTS = 1 << 20  # elements of one block (4 MiB in fp32): the unit of every product
 
 
@@ -44,7 +46,8 @@ def rows_in_blocks(r0: int, r1: int, rows: int, row_elements: int,
     block = rows_per_block(row_elements)
     out: torch.Tensor | None = None
     for b0, b1 in overlapping_blocks(r0, r1, rows, block):
-        part = compute(b0, b1)
+        with one_thread():  # a product's bits may depend on the thread count (threads.py)
+            part = compute(b0, b1)
         lo, hi = max(r0, b0), min(r1, b1)
         if b0 <= r0 and r1 <= b1:  # one block holds the whole range
             return part[lo - b0 : hi - b0] if (lo, hi) != (b0, b1) else part
@@ -53,7 +56,8 @@ def rows_in_blocks(r0: int, r1: int, rows: int, row_elements: int,
         out[lo - r0 : hi - r0] = part[lo - b0 : hi - b0]
         del part
     if out is None:  # an empty range
-        return compute(r0, r0)
+        with one_thread():
+            return compute(r0, r0)
     return out
 
 

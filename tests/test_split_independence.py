@@ -161,6 +161,46 @@ def test_orthomerge(tmp_path, wide, kinds, params):
     _merge_both_ways(cfg, tmp_path)
 
 
+@pytest.mark.parametrize("kinds,params", [
+    (["full", "lora"], {"variant": "G"}),
+    (["oft", "oft"], {}),
+    (["lora", "lora"], None),  # task arithmetic on LoRA views: products in row blocks
+], ids=["ord-G-mixed", "oft", "ta-lora"])
+def test_products_and_decompositions_run_on_one_thread(tmp_path, wide, monkeypatch, kinds, params):
+    """MKL's SVD/QR/solve and some products split work by thread count, so their bits can depend on it
+    (measured: ORD on a 20 M bench set gave other bytes with 2 threads than with 1 or with 2 torchrun
+    ranks). Every linear-algebra call of a merge must see one thread, whatever the process runs with;
+    and the bytes must then equal a merge run with one thread throughout."""
+    seen: list[int] = []
+    for mod, name in [(torch.linalg, "svd"), (torch.linalg, "qr"), (torch.linalg, "solve"), (torch, "matmul"),
+                      (torch, "mm"), (torch, "addmm"), (torch.Tensor, "__matmul__")]:
+        original = getattr(mod, name)
+
+        def spy(*a, _original=original, **k):
+            seen.append(torch.get_num_threads())
+            return _original(*a, **k)
+
+        monkeypatch.setattr(mod, name, spy)
+    models = [{"model": str(wide[f"{k}{i}"])} for i, k in enumerate(kinds)]
+    if params is None:
+        cfg = {"merge_method": "task_arithmetic", "base_model": str(wide["base"]), "dtype": "float32",
+               "models": [{**m, "parameters": {"weight": 0.5}} for m in models]}
+    else:
+        cfg = {"merge_method": "orthomerge", "base_model": str(wide["base"]), "models": models,
+               "parameters": params, "dtype": "float32"}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        streammerge.merge(cfg, tmp_path / "two")
+        assert seen and set(seen) == {1}, f"linear algebra ran with {sorted(set(seen))} threads"
+        assert torch.get_num_threads() == 2  # restored afterwards
+        torch.set_num_threads(1)
+        streammerge.merge(cfg, tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")
+
+
 # --- structure: products only on whole aligned blocks; ranges equal the whole, bit for bit -------------
 
 

@@ -558,6 +558,8 @@ def markdown(s: PretrainedSettings, results: list[dict], minutes: float) -> str:
 def plot(s: PretrainedSettings, results: list[dict], path: Path) -> bool:
     try:
         import matplotlib
+        import matplotlib.lines
+        import matplotlib.patches
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -569,12 +571,26 @@ def plot(s: PretrainedSettings, results: list[dict], path: Path) -> bool:
     colours = {"full": "tab:blue", "lora": "tab:orange", "oft": "tab:green"}
     ax.barh([f"{r['name']} ({r['kind']})" for r in rows], [r["mean"] for r in rows],
             xerr=[r["std"] for r in rows], color=[colours[r["kind"]] for r in rows])
+    base = statistics.mean(res["base"][k] for res in results for k in s.kinds)
+    ax.axvline(base, color="grey", linestyle="--", linewidth=1)
+    ax.legend(handles=[matplotlib.patches.Patch(color=colours[k], label=f"{k} experts") for k in s.kinds]
+              + [matplotlib.lines.Line2D([], [], color="grey", linestyle="--", label="base, experts' heads")],
+              loc="lower left", fontsize=8)
     ax.set_xlabel("normalised accuracy (merged / expert), mean over tasks and seeds")
     ax.set_xlim(0, 1.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def report_only(out_dir: Path) -> int:
+    """Re-render pretrained.md/.png from ``out_dir/pretrained.json`` (e.g. after changing the report)."""
+    data = json.loads((out_dir / "pretrained.json").read_text())
+    s = PretrainedSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["settings"].items()})
+    (out_dir / "pretrained.md").write_text(markdown(s, data["results"], data["minutes"]))
+    plot(s, data["results"], out_dir / "pretrained.png")
+    return 0
 
 
 def main(out_dir: Path, work_dir: Path, package_root: Path, seeds: int | None, smoke: bool, threads: int,

@@ -61,6 +61,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import ConfigError
+from ..threads import one_thread
 from . import ord_subspace
 from .base import ChunkInputs, MergeMethod, NoParams
 from .oft import coft_project, fold_oft, oft_generator, oft_rotation_blocks  # noqa: F401  (re-exported)
@@ -532,7 +533,13 @@ def merge_oft(
 
 def merge(inputs: ChunkInputs) -> torch.Tensor:
     """Engine entry, one whole tensor: all experts OFT adapters -> the OFT path; else ORD on the experts'
-    full weights (full fine-tunes, LoRA materialised as W₀ + s·B·A, OFT folded)."""
+    full weights (full fine-tunes, LoRA materialised as W₀ + s·B·A, OFT folded). Decompositions run on
+    one thread, so the bytes do not depend on the thread count (``streammerge/threads.py``)."""
+    with one_thread():
+        return _merge(inputs)
+
+
+def _merge(inputs: ChunkInputs) -> torch.Tensor:
     p: OrthoMergeParams = inputs.params
     run = inputs.run if isinstance(inputs.run, OrthoRun) else None
     kinds = [e.kind for e in inputs.experts]
