@@ -437,8 +437,10 @@ def run_seed(s: PretrainedSettings, seed: int, work: Path, pool, log, smoke: boo
             for kind in sorted(s.kinds, key=lambda k: k != "full") for task in s.tasks]
     expert_acc: dict[str, dict[str, float]] = {k: {} for k in s.kinds}
     base_acc: dict[str, dict[str, float]] = {k: {} for k in s.kinds}
+    trained = 0
     for job in jobs:
         r = job.result()
+        trained += r["trained"]
         expert_acc[r["kind"]][r["task"]], base_acc[r["kind"]][r["task"]] = r["expert"], r["base"]
         if r["trained"]:
             log(f"seed {seed}: trained {r['kind']} expert for {r['task']} in {r['seconds']:.0f} s "
@@ -500,6 +502,7 @@ def run_seed(s: PretrainedSettings, seed: int, work: Path, pool, log, smoke: boo
         "seed": seed,
         "experts": expert_acc,
         "probe": probe_acc,
+        "experts_trained": trained,  # 0: every expert was reused from an earlier run in the work dir
         "base": {k: normalized(base_acc[k], k) for k in s.kinds},
         "rows": [row.__dict__ for row, _ in rows.values()],
         "seconds": time.perf_counter() - t0,
@@ -529,6 +532,13 @@ def summarize(results: list[dict]) -> list[dict]:
     return list(table.values())
 
 
+def _reuse_note(results: list[dict]) -> str:
+    counts = [r.get("experts_trained") for r in results]
+    if None in counts or all(c > 0 for c in counts):
+        return ""
+    return f" (experts trained in this run, per seed: {', '.join(map(str, counts))}; the others reused)"
+
+
 def markdown(s: PretrainedSettings, results: list[dict], minutes: float) -> str:
     rows = summarize(results)
     lines = [
@@ -538,7 +548,7 @@ def markdown(s: PretrainedSettings, results: list[dict], minutes: float) -> str:
         f"experts trained {s.steps} steps, batch {s.batch}, from a linear probe; λ from {list(s.lambdas)} on "
         f"validation. "
         f"Normalised accuracy = merged / expert, mean over tasks, on test; mean ± std over seeds. "
-        f"Run time {minutes:.1f} min.",
+        f"Run time {minutes:.1f} min{_reuse_note(results)}.",
         "",
         "| expert kind | base (experts' heads) | expert accuracy (mean over tasks) |",
         "| --- | ---: | ---: |",
