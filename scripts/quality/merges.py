@@ -99,6 +99,16 @@ def _dare(method: str, density: float, normalize: bool, seed: int) -> Builder:
                                        {"lambda": lam, "normalize": normalize}, seed=seed)
 
 
+def _breadcrumbs(method: str, density: float, gamma: float) -> Builder:
+    return lambda inputs, lam: _config(method, inputs, {"weight": 1.0, "density": density, "gamma": gamma},
+                                       {"lambda": lam})
+
+
+def _della(method: str, density: float, epsilon: float, seed: int) -> Builder:
+    return lambda inputs, lam: _config(method, inputs, {"weight": 1.0, "density": density, "epsilon": epsilon},
+                                       {"lambda": lam}, seed=seed)
+
+
 class MissingInput(Exception):
     """A file the row needs was not produced (e.g. no sidecar API in the streammerge under test)."""
 
@@ -205,9 +215,12 @@ def run_cli(config: dict, cfg_path: Path, out: Path, package_root: Path, threads
     cmd = [sys.executable, "-m", "streammerge.cli", "merge", str(cfg_path), str(out), "--quiet", "--device", "cpu"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=cfg_path.parent)
-    seconds = time.perf_counter() - t0
-    err = (proc.stderr or proc.stdout).strip()
-    if proc.returncode == 0:
+    return cli_result(proc.returncode, (proc.stderr or proc.stdout).strip(), time.perf_counter() - t0)
+
+
+def cli_result(code: int, err: str, seconds: float) -> MergeRun:
+    """A merge command's exit code and error text as a row's outcome (its last line as the message)."""
+    if code == 0:
         return MergeRun(True, False, "", seconds)
-    last = err.splitlines()[-1] if err else f"exit {proc.returncode}"
+    last = err.splitlines()[-1] if err else f"exit {code}"
     return MergeRun(False, "unknown merge_method" in err, last, seconds)

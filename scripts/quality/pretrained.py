@@ -48,13 +48,16 @@ from quality.merges import (
     MergeEntry,
     MergeInputs,
     MergeRun,
+    _breadcrumbs,
     _config,
     _dare,
+    _della,
     _linear,
     _ord,
     _ota,
     _task_arithmetic,
     _ties,
+    cli_result,
 )
 from quality.sentence_tasks import TASK_NAMES, Split, make_splits
 
@@ -227,20 +230,15 @@ def entries(s: PretrainedSettings, seed: int, smoke: bool = False) -> list[Merge
         MergeEntry("ota+ffg 0.3", "ota", "full", _ota("exact", 0.3), "FFG density 0.3, exact v"),
         MergeEntry("ord G + TA", "orthomerge", "full", _ord("G", "task_arithmetic"), "variant G, TA residuals", **lam),
         MergeEntry("ord C + TA", "orthomerge", "full", _ord("C", "task_arithmetic"), "variant C, TA residuals", **lam),
-        MergeEntry("breadcrumbs_ties", "breadcrumbs_ties", "full",
-                   lambda i, la: _config("breadcrumbs_ties", i, {"weight": 1.0, "density": 0.5, "gamma": 0.01},
-                                         {"lambda": la}), "density 0.5, gamma 0.01", **lam),
-        MergeEntry("della", "della", "full",
-                   lambda i, la: _config("della", i, {"weight": 1.0, "density": 0.5, "epsilon": 0.1},
-                                         {"lambda": la}, seed=seed), "density 0.5, epsilon 0.1", **lam),
+        MergeEntry("breadcrumbs_ties", "breadcrumbs_ties", "full", _breadcrumbs("breadcrumbs_ties", 0.5, 0.01),
+                   "density 0.5, gamma 0.01", **lam),
+        MergeEntry("della", "della", "full", _della("della", 0.5, 0.1, seed), "density 0.5, epsilon 0.1", **lam),
         MergeEntry("dare_linear", "dare_linear", "full", _dare("dare_linear", 0.5, False, seed), "density 0.5",
                    **lam),
-        MergeEntry("breadcrumbs", "breadcrumbs", "full",
-                   lambda i, la: _config("breadcrumbs", i, {"weight": 1.0, "density": 0.5, "gamma": 0.01},
-                                         {"lambda": la}), "density 0.5, gamma 0.01", **lam),
-        MergeEntry("della_linear", "della_linear", "full",
-                   lambda i, la: _config("della_linear", i, {"weight": 1.0, "density": 0.5, "epsilon": 0.1},
-                                         {"lambda": la}, seed=seed), "density 0.5, epsilon 0.1", **lam),
+        MergeEntry("breadcrumbs", "breadcrumbs", "full", _breadcrumbs("breadcrumbs", 0.5, 0.01),
+                   "density 0.5, gamma 0.01", **lam),
+        MergeEntry("della_linear", "della_linear", "full", _della("della_linear", 0.5, 0.1, seed),
+                   "density 0.5, epsilon 0.1", **lam),
         # mergekit's geometric and selection methods: no λ (their own normalisation decides the scale)
         MergeEntry("multislerp", "multislerp", "full",
                    lambda i, la: _config("multislerp", i, {"weight": 1.0}), "w=1, around the base"),
@@ -318,6 +316,14 @@ def _expert_folder(work: Path, seed: int, kind: str, task: str) -> Path:
     return work / f"seed{seed}" / f"{kind}-{task}"
 
 
+def _base_test_features(task: str, seed: int, s: PretrainedSettings) -> torch.Tensor:
+    """The base encoder's features of the task's test split, once per worker."""
+    key = ("base-features", task, seed, s.sizes)
+    if key not in _STATE:
+        _STATE[key] = features(_fresh_encoder(), _tokenizer(), _splits(task, seed, s.sizes)[2])
+    return _STATE[key]
+
+
 def _probe_path(work: Path, seed: int, task: str) -> Path:
     return work / f"seed{seed}" / f"probe-{task}.pt"
 
@@ -330,9 +336,7 @@ def _probe_job(task: str, seed: int, s: PretrainedSettings, work: Path) -> dict:
         head = load_head(path.parent, path.name)
     else:
         head = train_probe(task, seed, train, _tokenizer(), s, path)
-    key = ("base-features", task, seed, s.sizes)
-    _STATE[key] = features(_fresh_encoder(), _tokenizer(), test)
-    return {"task": task, "probe": accuracy(head, _STATE[key], test.labels)}
+    return {"task": task, "probe": accuracy(head, _base_test_features(task, seed, s), test.labels)}
 
 
 def _train_job(kind: str, task: str, seed: int, s: PretrainedSettings, work: Path) -> dict:
@@ -346,12 +350,9 @@ def _train_job(kind: str, task: str, seed: int, s: PretrainedSettings, work: Pat
     seconds = time.perf_counter() - t0
     test = _splits(task, seed, s.sizes)[2]
     head = load_head(folder)
-    key = ("base-features", task, seed, s.sizes)
-    if key not in _STATE:
-        _STATE[key] = features(_fresh_encoder(), _tokenizer(), test)
     return {"kind": kind, "task": task, "trained": trained, "seconds": seconds,
             "expert": accuracy(head, features(load_encoder(folder, kind), _tokenizer(), test), test.labels),
-            "base": accuracy(head, _STATE[key], test.labels)}
+            "base": accuracy(head, _base_test_features(task, seed, s), test.labels)}
 
 
 def _score(folder: Path, kind: str, seed: int, s: PretrainedSettings, work: Path, split_index: int) -> dict:
@@ -387,12 +388,7 @@ def run_cli_in_process(config: dict, cfg_path: Path, out: Path) -> MergeRun:
         except Exception as e:  # noqa: BLE001 - a click usage error or a crash: report it as the row's status
             code, msg = 1, f"{type(e).__name__}: {e}"
             err.write(msg + "\n")
-    seconds = time.perf_counter() - t0
-    text = err.getvalue().strip()
-    if code == 0:
-        return MergeRun(True, False, "", seconds)
-    last = text.splitlines()[-1] if text else f"exit {code}"
-    return MergeRun(False, "unknown merge_method" in text, last, seconds)
+    return cli_result(code, err.getvalue().strip(), time.perf_counter() - t0)
 
 
 def _merge_job(config: dict, out: Path, kind: str, seed: int, s: PretrainedSettings, work: Path,
