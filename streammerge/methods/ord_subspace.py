@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 import torch
 
@@ -118,13 +118,6 @@ class SubspaceRotation:
         return self.r.shape[0]
 
 
-def _rank_tol(s: torch.Tensor, shape: tuple[int, ...]) -> float:
-    """Singular values at or below this are rounding noise (numpy's matrix_rank rule)."""
-    if s.numel() == 0:
-        return math.inf
-    return float(s[0]) * max(shape) * torch.finfo(s.dtype).eps
-
-
 def _norm2(x: torch.Tensor, iterations: int = 8) -> torch.Tensor:
     """A lower bound of ‖x‖₂ (power iteration on xᵀx from a fixed start), 0-d."""
     v = torch.ones(x.shape[1], 1, dtype=x.dtype, device=x.device)
@@ -133,6 +126,47 @@ def _norm2(x: torch.Tensor, iterations: int = 8) -> torch.Tensor:
         v = x.transpose(0, 1) @ (x @ v)
         v = v / torch.linalg.vector_norm(v).clamp_min(torch.finfo(x.dtype).tiny)
     return torch.linalg.vector_norm(x @ v)
+
+
+def _row_space(
+    x: torch.Tensor, tol: Callable[[float], float], limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(V, X·V, r): an orthonormal basis V (n × r) of x's row space (x: d × n), the directions of singular
+    values above ``tol(σ_max)``, at most ``limit`` of them, without an SVD of x itself.
+
+    xᵀ = V₀R by a thin QR; R (p × d, p = min(n, d)) has x's singular values, and with R = U_R·S·W_Rᵀ x's
+    right singular vectors are V₀U_R, so X·V₀U_R = W_R·S. Where R is square and its smallest singular value
+    is clearly above the tolerance (a full fine-tune's Δ), V₀ itself spans the space and X·V₀ = Rᵀ: no SVD
+    at all. That test (``_sigma_min_above``) can keep a direction at the edge of the tolerance that an SVD
+    would drop; Q then has one more axis than needed, which changes nothing but its size (any orthonormal
+    Q spanning row(W₀) and row(T) gives the same polar factor). A thin QR costs about a quarter of the
+    d × n SVD at 2048 × 5120, the R SVD as much again.
+    """
+    v0, rf = torch.linalg.qr(x.transpose(0, 1))  # (n, p), (p, d)
+    p = rf.shape[0]
+    if (limit is None or limit >= p) and p == rf.shape[1] and _sigma_min_above(rf, tol(float(_norm2(rf)))):
+        return v0, rf.transpose(0, 1), p
+    u_r, s, w_rh = torch.linalg.svd(rf, full_matrices=False)
+    r = int((s > tol(float(s[0]) if s.numel() else 0.0)).sum())
+    if limit is not None:
+        r = min(r, limit)
+    return v0 @ u_r[:, :r], w_rh[:r].transpose(0, 1) * s[:r], r
+
+
+def _sigma_min_above(rf: torch.Tensor, tol: float, iterations: int = 6) -> bool:
+    """Whether the square upper-triangular rf's smallest singular value is surely above tol: power
+    iteration on (RᵀR)⁻¹ by triangular solves from a fixed start gives a lower bound of ‖R⁻¹‖₂, i.e. an
+    upper bound of σ_min, required to exceed 2·tol (a singular R gives inf/nan: False)."""
+    v = torch.ones(rf.shape[0], 1, dtype=rf.dtype, device=rf.device)
+    v[::2] = -0.5
+    growth = torch.zeros((), dtype=rf.dtype, device=rf.device)
+    for _ in range(iterations):
+        w = torch.linalg.solve_triangular(rf.transpose(0, 1), v, upper=False)
+        v = torch.linalg.solve_triangular(rf, w, upper=True)
+        growth = torch.linalg.vector_norm(v)
+        v = v / growth
+    inv_norm = float(growth.sqrt())
+    return math.isfinite(inv_norm) and inv_norm > 0 and 1.0 / inv_norm > 2.0 * tol
 
 
 def expert_rotation(
@@ -148,13 +182,9 @@ def expert_rotation(
     y = basis.coords(target_delta)  # (d_out, d_in)
     y2 = y[:, m:]
     if y2.shape[1]:
-        u, s, vh = torch.linalg.svd(y2, full_matrices=False)
         # noise relative to the whole Δ, not to Y₂ (which is pure rounding noise when Δ lies in row(W₀))
-        size = torch.cat([s[:1], _norm2(y).reshape(1)]).max().reshape(1)
-        r = int((s > _rank_tol(size, tuple(y.shape))).sum())
-        v = vh[:r].transpose(0, 1).clone()  # (d_in − m, r)
-        moving = u[:, :r] * s[:r]  # Y₂·V
-        del u, vh
+        whole, rel = float(_norm2(y)), max(y.shape) * torch.finfo(y.dtype).eps  # numpy's matrix_rank rule
+        v, moving, r = _row_space(y2, lambda s_max: max(s_max, whole) * rel)
     else:
         r, v, moving = 0, y.new_zeros(0, 0), y.new_zeros(y.shape[0], 0)
     tq = torch.cat([y[:, :m].add_(basis.r0.transpose(0, 1)), moving], dim=1)  # T·Q (d_out, k)
@@ -192,9 +222,12 @@ def merged_rotation_top(q_bar: torch.Tensor, m: int) -> torch.Tensor:
     return torch.linalg.solve(g, top, left=False).mul_(-2.0).to(q_bar.dtype)
 
 
-def rotation_delta(basis: RowBasis, r: torch.Tensor, v: torch.Tensor, minus_identity: bool = False) -> torch.Tensor:
+def rotation_delta(
+    basis: RowBasis, r: torch.Tensor, v: torch.Tensor, minus_identity: bool = False, coords: bool = False
+) -> torch.Tensor:
     """W₀·R − W₀ (d_out, d_in) for R = I + J(r − I)Jᵀ, J = H₀·diag(I_m, v): [R₀ᵀ(r − I)₁₁, R₀ᵀ(r − I)₁₂·vᵀ]·H₀ᵀ.
-    r: the k × k rotation, or (``minus_identity``) the first m rows of r − I."""
+    r: the k × k rotation, or (``minus_identity``) the first m rows of r − I. ``coords``: return it in the
+    basis' coordinates, before the last ·H₀ᵀ (sums of such terms need it once: ``RowBasis.from_coords``)."""
     m = basis.m
     if minus_identity:
         top = r
@@ -206,7 +239,7 @@ def rotation_delta(basis: RowBasis, r: torch.Tensor, v: torch.Tensor, minus_iden
     f = torch.cat([e[:, :m], e[:, m:] @ v.transpose(0, 1)], dim=1) if v.numel() else e
     if f.shape[1] < basis.d_in:  # no complement direction moved: zero-pad to d_in
         f = torch.cat([f, f.new_zeros(f.shape[0], basis.d_in - f.shape[1])], dim=1)
-    return basis.from_coords(f)
+    return f if coords else basis.from_coords(f)
 
 
 class _Merge(Protocol):  # orthomerge.GeneratorMerge
@@ -241,13 +274,10 @@ class JointGenerators:
         p = self.p
         z = v - p @ (p.transpose(0, 1) @ v)
         z -= p @ (p.transpose(0, 1) @ z)  # twice is enough
-        u, s, _ = torch.linalg.svd(z, full_matrices=False)
+        tol = max(p.shape[0], v.shape[1]) * torch.finfo(z.dtype).eps  # v's columns have norm 1
+        n, _, new = _row_space(z.transpose(0, 1), lambda _: tol, limit=p.shape[0] - p.shape[1])  # col(z)
         del z
-        room = p.shape[0] - p.shape[1]
-        tol = max(p.shape[0], v.shape[1]) * torch.finfo(s.dtype).eps  # v's columns have norm 1
-        new = min(room, int((s > tol).sum()))
         if new:
-            n = u[:, :new]
             n = n - p @ (p.transpose(0, 1) @ n)
             n = torch.linalg.qr(n).Q
             self.p = torch.cat([p, n], dim=1)
