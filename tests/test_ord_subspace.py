@@ -260,3 +260,33 @@ def test_end_to_end_merge_reports_the_path_and_matches_dense(tmp_path):
     for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight"):
         ref = decouple_merge(base[name], [x[name] for x in loaded], OrthoMergeParams(lambda_=0.5), path="dense")
         torch.testing.assert_close(out[name], ref, atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("d, n, rank", [(12, 40, 12), (12, 40, 5), (12, 8, 8), (12, 8, 3), (6, 40, 0)])
+def test_row_space_spans_the_rows_and_reveals_the_rank(d, n, rank):
+    """_row_space (thin QR, triangular rank test, SVD of the small factor only when short of rank) against
+    the SVD's answer: an orthonormal V of rank(x) columns with x·V·Vᵀ = x, and X·V returned with it."""
+    g = torch.Generator().manual_seed(d * n + rank)
+    x = torch.randn(d, rank, generator=g, dtype=F64) @ torch.randn(rank, n, generator=g, dtype=F64)
+    s = torch.linalg.svdvals(x)
+    tol = (float(s[0]) if rank else 1.0) * max(x.shape) * torch.finfo(F64).eps
+    v, xv, r = ord_subspace._row_space(x, lambda s_max: tol)
+    assert r == rank == int((s > tol).sum())
+    assert v.shape == (n, rank) and xv.shape == (d, rank)
+    torch.testing.assert_close(v.T @ v, torch.eye(rank, dtype=F64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(x @ v @ v.T, x, atol=1e-12, rtol=0)
+    torch.testing.assert_close(xv, x @ v, atol=1e-12, rtol=0)
+    v2, _, r2 = ord_subspace._row_space(x, lambda s_max: tol, limit=2)  # the 2 strongest directions
+    top = torch.linalg.svd(x).Vh[: min(2, rank)].T
+    assert r2 == min(2, rank)
+    torch.testing.assert_close(v2 @ v2.T, top @ top.T, atol=1e-10, rtol=0)
+
+
+def test_sigma_min_estimate_is_an_upper_bound_and_zero_for_singular_factors():
+    g = torch.Generator().manual_seed(5)
+    r = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=F64)).R
+    s_min = float(torch.linalg.svdvals(r)[-1])
+    est = ord_subspace._sigma_min_estimate(r)
+    assert s_min * (1 - 1e-9) <= est < 2 * s_min
+    r[7, 7] = 0.0
+    assert not ord_subspace._sigma_min_estimate(r) > 0  # 0 or nan: the rank test then takes the SVD

@@ -137,14 +137,15 @@ def _row_space(
     xᵀ = V₀R by a thin QR; R (p × d, p = min(n, d)) has x's singular values, and with R = U_R·S·W_Rᵀ x's
     right singular vectors are V₀U_R, so X·V₀U_R = W_R·S. Where R is square and its smallest singular value
     is clearly above the tolerance (a full fine-tune's Δ), V₀ itself spans the space and X·V₀ = Rᵀ: no SVD
-    at all. That test (``_sigma_min_above``) can keep a direction at the edge of the tolerance that an SVD
-    would drop; Q then has one more axis than needed, which changes nothing but its size (any orthonormal
-    Q spanning row(W₀) and row(T) gives the same polar factor). A thin QR costs about a quarter of the
+    at all. That test (``_sigma_min_estimate`` > 2·tol; the estimate is an upper bound, usually within a few
+    per cent) can keep a direction at the edge of the tolerance that an SVD would drop; Q then has an axis
+    more than needed, which changes nothing but its size (any orthonormal Q spanning row(W₀) and row(T)
+    gives the same polar factor). A thin QR costs about a quarter of the
     d × n SVD at 2048 × 5120, the R SVD as much again.
     """
     v0, rf = torch.linalg.qr(x.transpose(0, 1))  # (n, p), (p, d)
     p = rf.shape[0]
-    if (limit is None or limit >= p) and p == rf.shape[1] and _sigma_min_above(rf, tol(float(_norm2(rf)))):
+    if (limit is None or limit >= p) and p == rf.shape[1] and _sigma_min_estimate(rf) > 2.0 * tol(float(_norm2(rf))):
         return v0, rf.transpose(0, 1), p
     u_r, s, w_rh = torch.linalg.svd(rf, full_matrices=False)
     r = int((s > tol(float(s[0]) if s.numel() else 0.0)).sum())
@@ -153,10 +154,10 @@ def _row_space(
     return v0 @ u_r[:, :r], w_rh[:r].transpose(0, 1) * s[:r], r
 
 
-def _sigma_min_above(rf: torch.Tensor, tol: float, iterations: int = 6) -> bool:
-    """Whether the square upper-triangular rf's smallest singular value is surely above tol: power
-    iteration on (RᵀR)⁻¹ by triangular solves from a fixed start gives a lower bound of ‖R⁻¹‖₂, i.e. an
-    upper bound of σ_min, required to exceed 2·tol (a singular R gives inf/nan: False)."""
+def _sigma_min_estimate(rf: torch.Tensor, iterations: int = 6) -> float:
+    """An estimate of the square upper-triangular rf's smallest singular value, never below it: power
+    iteration on (RᵀR)⁻¹ by triangular solves from a fixed start gives a lower bound of ‖R⁻¹‖₂. A singular
+    rf gives 0 (or nan, from inf/inf)."""
     v = torch.ones(rf.shape[0], 1, dtype=rf.dtype, device=rf.device)
     v[::2] = -0.5
     growth = torch.zeros((), dtype=rf.dtype, device=rf.device)
@@ -165,8 +166,7 @@ def _sigma_min_above(rf: torch.Tensor, tol: float, iterations: int = 6) -> bool:
         v = torch.linalg.solve_triangular(rf, w, upper=True)
         growth = torch.linalg.vector_norm(v)
         v = v / growth
-    inv_norm = float(growth.sqrt())
-    return math.isfinite(inv_norm) and inv_norm > 0 and 1.0 / inv_norm > 2.0 * tol
+    return 1.0 / float(growth.sqrt())
 
 
 def expert_rotation(
