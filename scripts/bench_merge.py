@@ -556,8 +556,9 @@ def bench_ranks(args) -> None:
         f"intermediate {args.intermediate}, {args.layers} layers, vocab {args.vocab}); {os.cpu_count()} CPUs; "
         f"median of {args.repeats}\n"
     )
-    print("| method | processes | wall s | merge s | CPU s | wall speed-up | merge speed-up | same bytes |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
+    print("| method | processes | wall s | merge s | CPU s | wall speed-up | merge speed-up | "
+          "wall vs 1 thread | merge vs 1 thread | same bytes |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
     for method in args.methods.split(","):
         cfg_path = work / f"{method}-ranks.yaml"
         cfg_path.write_text(config_yaml(method, base, experts))
@@ -573,10 +574,11 @@ def bench_ranks(args) -> None:
         digests = {r[3] for rs in runs.values() for r in rs}
         rows = {label: [sorted(r[i] for r in rs)[len(rs) // 2] for i in range(3)] for label, rs in runs.items()}
         same = "yes" if len(digests) == 1 and "FAILED" not in digests else "NO"
+        first, one = rows[setups[0][0]], rows["1, 1 thread"]  # speed-ups over the first row and over one thread
         for label, (wall, merge, cpu) in rows.items():
             print(
-                f"| {method} | {label} | {wall:.1f} | {merge:.1f} | {cpu:.1f} | {rows[setups[0][0]][0] / wall:.2f}x | "
-                f"{rows[setups[0][0]][1] / merge:.2f}x | {same} |",
+                f"| {method} | {label} | {wall:.1f} | {merge:.1f} | {cpu:.1f} | {first[0] / wall:.2f}x | "
+                f"{first[1] / merge:.2f}x | {one[0] / wall:.2f}x | {one[1] / merge:.2f}x | {same} |",
                 flush=True,
             )
 
