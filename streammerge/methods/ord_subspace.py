@@ -234,12 +234,9 @@ def merged_rotation_top(q_bar: torch.Tensor, m: int) -> torch.Tensor:
     return torch.linalg.solve(g, top, left=False).mul_(-2.0).to(q_bar.dtype)
 
 
-def rotation_delta(
-    basis: RowBasis, r: torch.Tensor, v: torch.Tensor, minus_identity: bool = False, coords: bool = False
-) -> torch.Tensor:
+def rotation_delta(basis: RowBasis, r: torch.Tensor, v: torch.Tensor, minus_identity: bool = False) -> torch.Tensor:
     """W₀·R − W₀ (d_out, d_in) for R = I + J(r − I)Jᵀ, J = H₀·diag(I_m, v): [R₀ᵀ(r − I)₁₁, R₀ᵀ(r − I)₁₂·vᵀ]·H₀ᵀ.
-    r: the k × k rotation, or (``minus_identity``) the first m rows of r − I. ``coords``: return it in the
-    basis' coordinates, before the last ·H₀ᵀ (sums of such terms need it once: ``RowBasis.from_coords``)."""
+    r: the k × k rotation, or (``minus_identity``) the first m rows of r − I."""
     m = basis.m
     if minus_identity:
         top = r
@@ -251,7 +248,7 @@ def rotation_delta(
     f = torch.cat([e[:, :m], e[:, m:] @ v.transpose(0, 1)], dim=1) if v.numel() else e
     if f.shape[1] < basis.d_in:  # no complement direction moved: zero-pad to d_in
         f = torch.cat([f, f.new_zeros(f.shape[0], basis.d_in - f.shape[1])], dim=1)
-    return f if coords else basis.from_coords(f)
+    return basis.from_coords(f)
 
 
 class _Merge(Protocol):  # orthomerge.GeneratorMerge

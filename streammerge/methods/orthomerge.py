@@ -337,9 +337,7 @@ def _decouple_subspace(
     """``decouple_merge`` by the subspace path (``ord_subspace``); None where it must give way to the dense
     path (before anything is reported). base: W₀ in ``work_dtype(d_in)``."""
     basis = ord_subspace.RowBasis(base)  # once per matrix, reused for every expert
-    arithmetic = params.residual_method == "task_arithmetic"
     residuals = residual_merge(params.residual_method, len(experts), params.density)
-    moved = None  # task arithmetic: Σ(W₀Rᵢ − W₀) in the basis' coordinates, taken back once at the end
     joint = ord_subspace.JointGenerators(basis, GeneratorMerge(params.norm_aggregate, params.direction_weighting))
     clamped, sigmas, largest_k = [], [], 0
     for i, e in enumerate(experts):
@@ -355,12 +353,7 @@ def _decouple_subspace(
             rot.r = ord_subspace.merged_rotation(rot.q)
             clamped.append((name, i, rot.sigma))
         joint.add(rot)
-        if arithmetic:  # Σρᵢ = ΣΔᵢ − Σ(W₀Rᵢ − W₀)
-            f = ord_subspace.rotation_delta(basis, rot.r, rot.v, coords=True)
-            moved = f if moved is None else moved.add_(f)
-            del f
-        else:
-            delta -= ord_subspace.rotation_delta(basis, rot.r, rot.v)  # ρᵢ = Wᵢ − W₀Rᵢ = Δᵢ − (W₀Rᵢ − W₀)
+        delta -= ord_subspace.rotation_delta(basis, rot.r, rot.v)  # ρᵢ = Wᵢ − W₀Rᵢ = Δᵢ − (W₀Rᵢ − W₀)
         del rot
         residuals.add(delta)
         del delta
@@ -374,14 +367,8 @@ def _decouple_subspace(
         log.info("%s: the experts' generators cancel; merged rotation set to identity", name or "tensor")
     top = ord_subspace.merged_rotation_top(q_bar, basis.m)  # first rows of R̄ − I, J coordinates
     del q_bar
-    # W₀R̄ − W₀ (less λ·Σ(W₀Rᵢ − W₀) for task arithmetic), one ·H₀ᵀ for both
-    shift = ord_subspace.rotation_delta(basis, top, complement, minus_identity=True, coords=True)
+    merged = ord_subspace.rotation_delta(basis, top, complement, minus_identity=True)  # W₀R̄ − W₀
     del top
-    if moved is not None:
-        shift.sub_(moved, alpha=params.lambda_)
-        del moved
-    merged = basis.from_coords(shift)
-    del shift
     merged.add_(base).add_(residuals.result(), alpha=params.lambda_)
     if report is not None:
         report.clamped.extend(clamped)
