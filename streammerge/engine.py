@@ -140,6 +140,15 @@ def _stored_loader(ckpt: Checkpoint, name: str, start: int, count: int | None,
     return lambda: ckpt.read(name, start, count).to(device)
 
 
+def _stored_range_loader(ckpt: Checkpoint, name: str, start: int, count: int | None,
+                         device: torch.device) -> Callable[[int, int], torch.Tensor] | None:
+    """Flat sub-ranges of the chunk as stored, on the compute device; None where a range read is not
+    cheap (adapter views compute whole row blocks) or the chunk is the whole shaped tensor."""
+    if count is None or not ckpt.cheap_ranges:
+        return None
+    return lambda offset, n: ckpt.read(name, start + offset, n).to(device)
+
+
 def _second_moment_loaders(sc: SecondMoments | None, name: str, start: int, count: int | None,
                            device: torch.device) -> dict[str, Callable[[], torch.Tensor | None]]:
     """``aux`` loaders of one expert's second moment for this chunk; none if its sidecar lacks it."""
@@ -188,7 +197,8 @@ def _inputs(plan: MergePlan, tensor: PlannedTensor, params, model_params, start:
     experts = [
         ExpertInput(_loader(ckpt, name, start, count, device, finite), mp,
                     {**_second_moment_loaders(sc, name, start, count, device), **ckpt.aux(name)}, ckpt.kind,
-                    None if finite else _stored_loader(ckpt, name, start, count, device))
+                    None if finite else _stored_loader(ckpt, name, start, count, device),
+                    None if finite else _stored_range_loader(ckpt, name, start, count, device))
         for (ckpt, name), mp, sc in zip(experts_in, model_params, sidecars, strict=False)
     ]
     return ChunkInputs(tensor.out.name, tensor.out.shape, start, base, experts, params, plan.config.seed, state,

@@ -30,6 +30,8 @@ class AdapterExpert(Checkpoint):
     """``base`` as ``adapter`` changes it (see the module docstring). Reads return fp32 for tensors the
     adapter changes, the stored dtype otherwise."""
 
+    cheap_ranges = False  # a range read computes its whole row blocks
+
     def __init__(self, base: Checkpoint, adapter: PeftAdapter):
         metas = {name: base.meta(name) for name in base.names()}
         files = [adapter.file, adapter.folder / "adapter_config.json"]

@@ -320,6 +320,7 @@ class VocabularyView(Checkpoint):
             metas[name] = meta
         super().__init__(inner.path, metas, inner.files, inner.metadata)
         self.folder, self.index_files, self.kind = inner.folder, inner.index_files, inner.kind
+        self.cheap_ranges = inner.cheap_ranges
         self.inner, self.plan, self.index = inner, plan, index
         self._pad_means: dict[str, torch.Tensor] = {}
         for name in inner.names():

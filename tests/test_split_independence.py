@@ -126,6 +126,7 @@ ELEMENTWISE = [
     ("ties-rescale", {"density": 0.3, "rescale": True}),
     ("dare_linear", {"density": 0.5}),
     ("dare_ties", {"density": 0.5}),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.05}),
 ]
 
 
@@ -138,6 +139,15 @@ def test_elementwise_methods(tmp_path, wide, method, params, experts):
         models.append({"model": str(wide["base"]), "parameters": {"weight": 0.2}})
     cfg = {"merge_method": method, "base_model": str(wide["base"]), "seed": 5, "out_dtype": "bfloat16",
            "models": models, "parameters": params}
+    _merge_both_ways(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("experts", sorted(EXPERTS))
+def test_model_stock(tmp_path, wide, experts):
+    """Full experts take the blocked Gram pass (flat range reads), adapters the pairwise one."""
+    models = [{"model": m["model"]} for m in _models(wide, EXPERTS[experts])]
+    cfg = {"merge_method": "model_stock", "base_model": str(wide["base"]), "out_dtype": "bfloat16",
+           "models": models}
     _merge_both_ways(cfg, tmp_path)
 
 

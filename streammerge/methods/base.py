@@ -84,6 +84,9 @@ class ExpertInput:
     # The chunk in its stored dtype (bf16/fp16/fp32) on the compute device; lets ``delta`` widen inside the
     # subtraction instead of in a separate pass. None: ``delta`` uses ``load``.
     load_stored: Callable[[], torch.Tensor] | None = None
+    # ``load_stored_range(offset, count)``: elements [offset, offset + count) of the chunk as stored (1-D), for
+    # a method that walks a chunk in small blocks of every expert at once. None: only whole-chunk loads.
+    load_stored_range: Callable[[int, int], torch.Tensor] | None = None
 
     def delta(self, base: torch.Tensor) -> torch.Tensor:
         """θᵢ − θ₀ for this chunk: fp32, fresh memory, the same bits as ``load() - base`` (widening
@@ -96,6 +99,11 @@ class ExpertInput:
         x = self.load()
         x -= base
         return x
+
+    def delta_range(self, base: torch.Tensor, offset: int) -> torch.Tensor:
+        """θᵢ − θ₀ for elements [offset, offset + len(base)) of the chunk (``base``: the base's fp32 values
+        there): fp32, fresh memory, the same bits as those elements of ``delta``. Needs ``load_stored_range``."""
+        return torch.empty_like(base).copy_(self.load_stored_range(offset, base.numel())).sub_(base)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ kept entries are scaled so the tensor's L1 norm equals the unmasked one (mergeki
 
 Streaming: the two cut positions are found exactly by radix selection (``ties.RadixSelect``): one
 pass for the 16 high bits (shared by both cuts), one for the low bits, one more for the L1 norms with
-``rescale``. Entries of equal magnitude are ranked by position, earlier entries higher (as TIES does
-here); mergekit sorts with an unstable sort, so on bf16 inputs the two differ only at elements whose
-|τ| equals a cut value.
+``rescale``; a tensor that is one chunk takes both histograms from one read of each expert. Entries
+of equal magnitude are ranked by position, earlier entries higher (as TIES does here); mergekit sorts
+with an unstable sort, so on bf16 inputs the two differ only at elements whose |τ| equals a cut value.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from .base import ChunkInputs, MergeMethod
 from .dare import L1_EPS
 from .task_vectors import merge_task_vectors
-from .ties import RadixSelect
+from .ties import LOW_BINS, RadixSelect, bincount
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,12 @@ class TopCut:
     tied: int = 0
     take: int = 0
     seen: int = 0
+    numel: int = 0  # entries of the whole tensor (a chunk of this size is the whole tensor)
 
     @classmethod
-    def from_select(cls, select: RadixSelect) -> TopCut:
+    def from_select(cls, select: RadixSelect, numel: int = 0) -> TopCut:
         threshold, above, tied = select.result()
-        return cls(select.k, threshold, above, tied, select.k - above)
+        return cls(select.k, threshold, above, tied, select.k - above, numel=numel)
 
     def chunk_mask(self, magnitude: torch.Tensor) -> torch.Tensor:
         """Boolean: which entries of this chunk (the next one in order) are among the top k."""
@@ -85,7 +86,7 @@ class TopCut:
             return magnitude > self.threshold
         top = magnitude > self.threshold
         equal = (magnitude == self.threshold).reshape(-1)
-        n_equal = int(torch.count_nonzero(equal))
+        n_equal = self.tied if equal.numel() == self.numel else int(torch.count_nonzero(equal))
         if self.seen + n_equal <= self.take:  # every tie of this chunk is in
             top.view(-1).logical_or_(equal)
         elif n_equal:  # the chunk where the kept ties end: find the first take − seen of its ties
@@ -146,29 +147,62 @@ def prepare(chunks: Callable[[], Iterator[ChunkInputs]]) -> list[_Band]:
         bands.append(_Band(TopCut(upper), TopCut(lower) if lower > 0 else None))
         selects[i] = [RadixSelect(k, first.device) for k in (upper, lower) if k > 0]
     rescale = first.params.rescale
-    del first
+    one_chunk = first.base is not None and first.start == 0 and first.base.numel() == numel
     if not selects:
         return bands
-    for inputs in chunks():
-        for i, magnitude in _magnitudes(inputs, list(selects)):
-            selects[i][0].add_high(magnitude)
-    for group in selects.values():
-        for s in group[1:]:
-            s.high = group[0].high  # same data, same histogram
-        for s in group:
-            s.choose_bucket()
-    for inputs in chunks():
-        for i, magnitude in _magnitudes(inputs, list(selects)):
-            for s in group_unique_buckets(selects[i]):
-                s.add_low(magnitude)
+    if one_chunk:  # the tensor is this chunk: both histograms from magnitudes already in memory, one read
+        for i, magnitude in _magnitudes(first, list(selects)):
+            _add_high(selects[i], magnitude)
+            _add_low(selects[i], magnitude)
+        del first, magnitude
+    else:
+        del first
+        for inputs in chunks():
+            for i, magnitude in _magnitudes(inputs, list(selects)):
+                selects[i][0].add_high(magnitude)
+        for group in selects.values():
+            _choose_buckets(group)
+        for inputs in chunks():
+            for i, magnitude in _magnitudes(inputs, list(selects)):
+                _add_low(selects[i], magnitude)
     for i, group in selects.items():
         if len(group) == 2 and group[1].bucket == group[0].bucket:
             group[1].low = group[0].low
-        cuts = [TopCut.from_select(s) for s in group]
+        cuts = [TopCut.from_select(s, numel) for s in group]
         bands[i] = _Band(cuts[0], cuts[1] if len(cuts) > 1 else None)
     if rescale:
         _l1_scales(chunks, bands, list(selects))
     return bands
+
+
+def _add_high(group: list[RadixSelect], magnitude: torch.Tensor) -> None:
+    """The high histogram of a whole tensor's magnitudes, then each cut's bucket."""
+    group[0].add_high(magnitude)
+    _choose_buckets(group)
+
+
+def _choose_buckets(group: list[RadixSelect]) -> None:
+    for s in group[1:]:
+        s.high = group[0].high  # same data, same histogram
+    for s in group:
+        s.choose_bucket()
+
+
+def _add_low(group: list[RadixSelect], magnitude: torch.Tensor) -> None:
+    """Each cut's low histogram; two cuts in different buckets share one counting pass."""
+    selects = group_unique_buckets(group)
+    if len(selects) == 1:
+        selects[0].add_low(magnitude)
+        return
+    upper, lower = selects  # the upper cut (more entries kept) has the smaller value: bucket below the lower cut's
+    bits = magnitude.view(torch.int32).reshape(-1)
+    # each key in [0, 2¹⁶ + 1]: 0 below its bucket, 1..2¹⁶ inside by the low 16 bits, 2¹⁶ + 1 above. Their
+    # sum is unique: 1..2¹⁶ in the upper cut's bucket, 2¹⁶ + 1 + (1..2¹⁶) in the lower cut's
+    keys = (bits - ((upper.bucket << 16) - 1)).clamp_(0, LOW_BINS + 1)
+    keys += (bits - ((lower.bucket << 16) - 1)).clamp_(0, LOW_BINS + 1)
+    counts = bincount(keys, minlength=2 * LOW_BINS + 3)
+    upper.low += counts[1 : LOW_BINS + 1]
+    lower.low += counts[LOW_BINS + 2 : 2 * LOW_BINS + 2]
 
 
 def group_unique_buckets(group: list[RadixSelect]) -> list[RadixSelect]:
