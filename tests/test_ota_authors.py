@@ -26,7 +26,7 @@ from streammerge.errors import StreamMergeError
 from streammerge.io import second_moment_factors
 from streammerge.methods import group_sums
 from streammerge.methods.ota_authors import hybrid_norm, rescale_factor
-from streammerge.preconditioners import Preconditioner, is_embedding
+from streammerge.preconditioners import BlockBuffer, Preconditioner, is_embedding
 from streammerge.sidecar import RawSecondMoments, convert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,6 +250,28 @@ def test_rank1_at_merge_time_is_their_lemma(monkeypatch):
     rows, cols, offset = pc.rank1_chunk(name, 50, 300)
     assert torch.equal(torch.outer(rows, cols).reshape(-1)[offset:offset + 300], pc.get_flat(name, 50, 300))
     pc.close()
+
+
+def test_experts_share_one_block_buffer(monkeypatch):
+    """Every expert's rank-1 pass reads into one buffer (read_into): the factors are those of the formula
+    and the same bits as with a buffer of its own, tensors and experts interleaved."""
+    monkeypatch.setattr("streammerge.preconditioners.RANK1_BLOCK_ELEMENTS", 40)  # several row blocks
+    paths = [ROOT / "fixtures" / "ota-authors" / e / "export" / "exp_avg_sq.safetensors" for e in ("general", "coding")]
+    names = ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    shared = BlockBuffer()
+    pcs = [Preconditioner(RawSecondMoments(p), {n: n for n in names}, lambda n: (True, None), shared) for p in paths]
+    alone = [Preconditioner(RawSecondMoments(p), {n: n for n in names}, lambda n: (True, None)) for p in paths]
+    for name in names:
+        for path, pc, own in zip(paths, pcs, alone, strict=True):
+            v = load_file(path)[name].double()
+            n = v.shape[1]
+            rows, cols, _ = pc.rank1_chunk(name, 0, v.numel())
+            assert torch.allclose(rows.double(), v.sum(1), rtol=1e-6, atol=0)
+            assert torch.allclose(cols.double() * v.sum(), v.sum(0), rtol=1e-6, atol=0)
+            own_rows, own_cols, _ = own.rank1_chunk(name, 0, v.numel())
+            assert torch.equal(rows, own_rows) and torch.equal(cols, own_cols) and cols.numel() == n
+    for pc in pcs + alone:
+        pc.close()
 
 
 def test_rank_k_reconstruction_is_chunk_independent_and_close_to_svd(monkeypatch):

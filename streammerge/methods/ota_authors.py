@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..threads import one_thread
 from .base import SECOND_MOMENT, ChunkInputs, Rank1Chunk
 from .group_sums import GroupSums
 from .ota import (
@@ -243,7 +244,9 @@ def _rescale_one(chunks, i: int, shape, name: str, p: OtaParams, run: OtaRun | N
 # --- the chunk-level merge ------------------------------------------------------------------------------
 
 
-TILE_ELEMENTS = (1 << 15) - 1  # elements of one tile of the merge: below torch's parallel grain (32768), so one thread
+# elements of one tile of the merge: its few buffers stay in the CPU's cache, and a tile's dozen small ops
+# cost little beside their arithmetic (the merge runs on one thread, see ``merge``)
+TILE_ELEMENTS = (1 << 17) - 1
 
 
 @dataclass
@@ -332,7 +335,13 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
     expert's ten or so elementwise passes run tile by tile (``_tiles``) on data in the CPU cache, adding
     into whole-chunk sums; the sums are then finished tile by tile. Each entry's value depends only on
     that entry's inputs, in the same order of operations, so the tiles give the bytes whole-chunk passes
-    give."""
+    give, and so does any thread count. The passes run on one thread: split across threads, each
+    tile's hand-offs cost more than its arithmetic on a loaded machine."""
+    with one_thread():
+        return _merge_chunk(inputs)
+
+
+def _merge_chunk(inputs: ChunkInputs) -> torch.Tensor:
     p, base, experts = _resolved(inputs), inputs.base, inputs.experts
     run = inputs.run if isinstance(inputs.run, OtaRun) else None
     state = inputs.state if isinstance(inputs.state, AuthorsTensorState) else None
