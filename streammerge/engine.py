@@ -140,6 +140,18 @@ def _stored_loader(ckpt: Checkpoint, name: str, start: int, count: int | None,
     return lambda: ckpt.read(name, start, count).to(device)
 
 
+def _stored_range_loader(ckpt: Checkpoint, name: str, start: int, count: int | None,
+                         device: torch.device) -> Callable[[int, int], torch.Tensor]:
+    """Elements [lo, lo + n) of the chunk as stored (``_stored_loader`` for part of the chunk)."""
+    def load(lo: int, n: int) -> torch.Tensor:
+        size = ckpt.meta(name).numel if count is None else count
+        if lo < 0 or n < 0 or lo + n > size:
+            raise ValueError(f"range [{lo}, {lo + n}) outside the chunk of {size} elements of {name}")
+        return ckpt.read(name, start + lo, n).to(device)
+
+    return load
+
+
 def _second_moment_loaders(sc: SecondMoments | None, name: str, start: int, count: int | None,
                            device: torch.device) -> dict[str, Callable[[], torch.Tensor | None]]:
     """``aux`` loaders of one expert's second moment for this chunk; none if its sidecar lacks it."""
@@ -188,7 +200,8 @@ def _inputs(plan: MergePlan, tensor: PlannedTensor, params, model_params, start:
     experts = [
         ExpertInput(_loader(ckpt, name, start, count, device, finite), mp,
                     {**_second_moment_loaders(sc, name, start, count, device), **ckpt.aux(name)}, ckpt.kind,
-                    None if finite else _stored_loader(ckpt, name, start, count, device))
+                    None if finite else _stored_loader(ckpt, name, start, count, device),
+                    None if finite else _stored_range_loader(ckpt, name, start, count, device))
         for (ckpt, name), mp, sc in zip(experts_in, model_params, sidecars, strict=False)
     ]
     return ChunkInputs(tensor.out.name, tensor.out.shape, start, base, experts, params, plan.config.seed, state,

@@ -204,6 +204,29 @@ def test_bytes_do_not_depend_on_chunking(name, tmp_path, monkeypatch):
         assert all(torch.equal(outs[0][n], other[n]) for n in outs[0])
 
 
+@pytest.mark.parametrize("name", ["hf_ota_ffg_rank1lemma.yml", "hf_ota_ffg_global_thresh.yml"])
+def test_tile_by_tile_across_experts_gives_the_same_bytes(name, tmp_path, monkeypatch):
+    """rank1_approx with a base merges each tile across all experts (``_merge_by_tile``, weights read a
+    tile at a time); expert by expert over whole chunks gives the same bytes, at any chunk size."""
+    from streammerge.methods import ota_authors
+
+    monkeypatch.setattr("streammerge.preconditioners.RANK1_BLOCK_ELEMENTS", 96)  # several row blocks
+    monkeypatch.setattr(ota_authors, "TILE_ELEMENTS", 50)  # several tiles per chunk
+    calls = []
+    by_tile = ota_authors._merge_by_tile
+    monkeypatch.setattr(ota_authors, "_merge_by_tile", lambda *a: calls.append(1) or by_tile(*a))
+    outs = []
+    for chunk in (1 << 22, 100):
+        streammerge.merge(config_of(CONFIGS / name), tmp_path / str(chunk), chunk_elements=chunk)
+        outs.append(load_dir(tmp_path / str(chunk)))
+    assert calls
+    monkeypatch.setattr(ota_authors, "_by_tile_moments", lambda *a: None)  # expert by expert
+    streammerge.merge(config_of(CONFIGS / name), tmp_path / "experts", chunk_elements=100)
+    outs.append(load_dir(tmp_path / "experts"))
+    for other in outs[1:]:
+        assert all(torch.equal(outs[0][n].view(torch.int16), other[n].view(torch.int16)) for n in outs[0])
+
+
 def test_preconditioner_formats_agree(tmp_path):
     """Raw safetensors, a name-keyed optimizer state and an exact sidecar give the same merge."""
     src = ROOT / "fixtures" / "ota-authors" / "math-reasoning" / "export"

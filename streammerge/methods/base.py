@@ -84,6 +84,9 @@ class ExpertInput:
     # The chunk in its stored dtype (bf16/fp16/fp32) on the compute device; lets ``delta`` widen inside the
     # subtraction instead of in a separate pass. None: ``delta`` uses ``load``.
     load_stored: Callable[[], torch.Tensor] | None = None
+    # ``load_stored`` for part of the chunk: (lo, count) -> its flat elements [lo, lo + count), read anew per
+    # call; lets a method take every expert's inputs a small window at a time. None where not offered.
+    load_stored_range: Callable[[int, int], torch.Tensor] | None = None
 
     def delta(self, base: torch.Tensor) -> torch.Tensor:
         """θᵢ − θ₀ for this chunk: fp32, fresh memory, the same bits as ``load() - base`` (widening
