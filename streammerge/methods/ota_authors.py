@@ -338,12 +338,14 @@ def _tiles(count: int, chunk: _ExpertChunk, device: torch.device) -> list[tuple[
 def merge(inputs: ChunkInputs) -> torch.Tensor:
     """The authors' OTA for one chunk (see the module docstring). fp32 in, fp32 out, the chunk's shape.
 
-    Experts are taken one at a time (one expert's chunk in memory, as the engine plans), and each
-    expert's ten or so elementwise passes run tile by tile (``_tiles``) on data in the CPU cache, adding
-    into whole-chunk sums; the sums are then finished tile by tile. Each entry's value depends only on
-    that entry's inputs, in the same order of operations, so the tiles give the bytes whole-chunk passes
-    give, and so does any thread count. The passes run on one thread: split across threads, each
-    tile's hand-offs cost more than its arithmetic on a loaded machine."""
+    Each expert's ten or so elementwise passes run tile by tile (``_tiles``) on data in the CPU cache.
+    With rank-1 second moments and a base (``_merge_by_tile``), every expert's terms of one tile are
+    added into tile-long sums and the tile finished before the next, each expert's weights read a tile
+    at a time; otherwise experts are taken one at a time (one expert's chunk in memory, as the engine
+    plans), adding into whole-chunk sums that are then finished tile by tile. Each entry's value depends
+    only on that entry's inputs, in the same order of operations, so either order and any tile size give
+    the bytes whole-chunk passes give, and so does any thread count. The passes run on one thread:
+    split across threads, each tile's hand-offs cost more than its arithmetic on a loaded machine."""
     with one_thread():
         return _merge_chunk(inputs)
 
