@@ -142,11 +142,18 @@ def _stored_loader(ckpt: Checkpoint, name: str, start: int, count: int | None,
 
 def _stored_range_loader(ckpt: Checkpoint, name: str, start: int, count: int | None,
                          device: torch.device) -> Callable[[int, int], torch.Tensor] | None:
-    """Flat sub-ranges of the chunk as stored, on the compute device; None where a range read is not
-    cheap (adapter views compute whole row blocks) or the chunk is the whole shaped tensor."""
+    """Elements [offset, offset + n) of the chunk as stored, on the compute device (``_stored_loader`` for
+    part of the chunk); None where a range read is not cheap (adapter views compute whole row blocks) or
+    the chunk is the whole shaped tensor (methods that are not elementwise)."""
     if count is None or not ckpt.cheap_ranges:
         return None
-    return lambda offset, n: ckpt.read(name, start + offset, n).to(device)
+
+    def load(offset: int, n: int) -> torch.Tensor:
+        if offset < 0 or n < 0 or offset + n > count:
+            raise ValueError(f"range [{offset}, {offset + n}) outside the chunk of {count} elements of {name}")
+        return ckpt.read(name, start + offset, n).to(device)
+
+    return load
 
 
 def _second_moment_loaders(sc: SecondMoments | None, name: str, start: int, count: int | None,

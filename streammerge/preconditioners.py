@@ -40,10 +40,11 @@ from .errors import CheckpointError
 from .io.second_moment_factors import _row_blocks, _truncated_svd
 from .io.second_moment_sources import TORCH_SUFFIXES, Source, _lookup, open_source
 from .sidecar import SecondMoments, load
+from .threads import one_thread
 
 RANK1_BLOCK_ELEMENTS = 1 << 22  # rows of the rank-1 sums are read this many elements at a time (few ops)
-# the value check and the row sums run over tiles of whole rows of at most this many elements: below
-# torch's parallel grain (32768), so each is one cache-resident, single-threaded pass
+# the value check and the row sums run over tiles of whole rows of at most this many elements, each a
+# cache-resident pass (the factor pass runs on one thread, see ``_rank1_factors``)
 RANK1_TILE_ELEMENTS = (1 << 15) - 1
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "word_embeddings.weight",
                       "embed_out.weight", "embed_in.weight")
@@ -119,17 +120,36 @@ def open_preconditioner(path: Path, model_dir: Path) -> SecondMoments:
     return load(path)
 
 
+class BlockBuffer:
+    """The fp32 memory the rank-1 factor pass reads its row blocks into, shared by every expert's
+    ``Preconditioner`` (the merge computes one expert's factors at a time): one block for the whole merge,
+    whatever the number of experts, and resident, so a block is not faulted in page by page again for
+    every tensor (a fresh 16 MB buffer per block cost more than copying the file's bytes into it)."""
+
+    def __init__(self):
+        self._t: torch.Tensor | None = None
+
+    def get(self, count: int) -> torch.Tensor:
+        """A 1-D fp32 view of ``count`` elements; its contents are overwritten by the next ``get``."""
+        if self._t is None or self._t.numel() < count:
+            self._t = None
+            self._t = torch.empty(max(count, RANK1_BLOCK_ELEMENTS), dtype=torch.float32)
+        return self._t[:count]
+
+
 class Preconditioner(SecondMoments):
     """One expert's preconditioner file as the merge reads it: model tensor names mapped to the file's
     keys, and each tensor approximated as its ``rank1_approx``/``rank`` asks (see the module docstring).
 
     ``keys``: model tensor name -> key in ``inner``. ``approx(name)``: (rank1_approx, rank) for the tensor.
+    ``buffer``: where row blocks are read (give every expert's the same one); by default its own.
     """
 
     def __init__(self, inner: SecondMoments, keys: dict[str, str],
-                 approx: Callable[[str], tuple[bool, int | None]]):
+                 approx: Callable[[str], tuple[bool, int | None]], buffer: BlockBuffer | None = None):
         self.inner, self.path, self.metadata = inner, inner.path, inner.metadata
         self._keys, self._approx = keys, approx
+        self._buffer = buffer if buffer is not None else BlockBuffer()
         self._factors: tuple[str, Any] | None = None  # (name, (r, cols) or (a, b))
         self._block: tuple[str, int, torch.Tensor] | None = None  # rank K: the last reconstructed row block
 
@@ -167,12 +187,15 @@ class Preconditioner(SecondMoments):
         return "exact"
 
     def _rows(self, name: str, block_elements: int):
-        """The tensor's fp32 (m, n) rows, one fixed row block at a time: (lo, hi, block)."""
+        """The tensor's fp32 (m, n) rows, one fixed row block at a time: (lo, hi, block), each block in the
+        shared buffer (valid until the next one is read)."""
         m, n = self.shape(name)
         key = self._keys[name]
         rows = max(1, block_elements // max(n, 1))
         for lo, hi in ((i, min(i + rows, m)) for i in range(0, m, rows)):
-            yield lo, hi, self.inner.get_flat(key, lo * n, (hi - lo) * n).reshape(hi - lo, n)
+            block = self._buffer.get((hi - lo) * n)
+            self.inner.get_flat_into(key, lo * n, block)
+            yield lo, hi, block.view(hi - lo, n)
 
     def _computed(self, name: str):
         if self._factors is not None and self._factors[0] == name:
@@ -180,26 +203,8 @@ class Preconditioner(SecondMoments):
         self._factors = self._block = None
         m, n = self.shape(name)
         if self._kind(name) == "rank1":
-            # fp32 sums as the authors' (torch's cascade sums: error ~ log(n)·ulp) over fixed row blocks; the
-            # total in fp64
-            r = torch.empty(m, dtype=torch.float32)
-            c = torch.zeros(n, dtype=torch.float32)
-            step = max(1, RANK1_TILE_ELEMENTS // max(n, 1))  # rows per tile
-            for lo, hi, block in self._rows(name, RANK1_BLOCK_ELEMENTS):
-                # the check and the row sums tile by tile (whole rows: the same bits as over the block)
-                extremes = []
-                for a in range(0, hi - lo, step):
-                    tile = block[a : a + step]
-                    extremes.append(torch.aminmax(tile))
-                    torch.sum(tile, dim=1, out=r[lo + a : lo + a + tile.shape[0]])
-                if extremes and not (min(float(e[0]) for e in extremes) >= 0
-                                     and math.isfinite(max(float(e[1]) for e in extremes))):
-                    self._check_values(name, block)  # raises, naming the block's extremes
-                c += block.sum(dim=0)
-                del block, extremes
-            total = float(r.sum(dtype=torch.float64))
-            cols = (c.to(torch.float64) / total).to(torch.float32) if total != 0 else torch.zeros(n)
-            factors = (r, cols)
+            with one_thread():
+                factors = self._rank1_factors(name, m, n)
         else:
             v = self.inner.get(self._keys[name]).to(torch.float32).reshape(m, n)
             self._check_values(name, v)
@@ -207,6 +212,30 @@ class Preconditioner(SecondMoments):
             del v
         self._factors = (name, factors)
         return factors
+
+    def _rank1_factors(self, name: str, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, c/Σv): fp32 row and column sums as the authors' (torch's cascade sums: error ~ log(n)·ulp)
+        over fixed row blocks, the total in fp64. Run on one thread: the column sums of a block are split
+        across threads by columns (the same bits with any thread count), and on a loaded machine the
+        hand-offs cost several times the sum itself."""
+        r = torch.empty(m, dtype=torch.float32)
+        c = torch.zeros(n, dtype=torch.float32)
+        step = max(1, RANK1_TILE_ELEMENTS // max(n, 1))  # rows per tile
+        for lo, hi, block in self._rows(name, RANK1_BLOCK_ELEMENTS):
+            # the check and the row sums tile by tile (whole rows: the same bits as over the block)
+            extremes = []
+            for a in range(0, hi - lo, step):
+                tile = block[a : a + step]
+                extremes.append(torch.aminmax(tile))
+                torch.sum(tile, dim=1, out=r[lo + a : lo + a + tile.shape[0]])
+            if extremes and not (min(float(e[0]) for e in extremes) >= 0
+                                 and math.isfinite(max(float(e[1]) for e in extremes))):
+                self._check_values(name, block)  # raises, naming the block's extremes
+            c += block.sum(dim=0)
+            del block, extremes
+        total = float(r.sum(dtype=torch.float64))
+        cols = (c.to(torch.float64) / total).to(torch.float32) if total != 0 else torch.zeros(n)
+        return r, cols
 
     def _check_values(self, name: str, v: torch.Tensor) -> None:
         if v.numel():

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .config import LAYER_RE, PRECONDITIONER_KEY, MergeConfig, layer_position, resolve_parameters
 from .errors import PlanError
 from .io.writer import OutputTensor
-from .preconditioners import Preconditioner, key_candidates, open_preconditioner
+from .preconditioners import BlockBuffer, Preconditioner, key_candidates, open_preconditioner
 from .sidecar import SecondMoments, load
 
 
@@ -58,6 +58,7 @@ def open_preconditioners(config: MergeConfig, tensors: list[OutputTensor]) -> li
     num_layers = 1 + max((int(m.group(1)) for n in shapes if (m := LAYER_RE.search(n))), default=0)
     resolved = {n: resolve_parameters(config, n, layer_position(n, num_layers)) for n in shapes}
     opened: list[SecondMoments | None] = []
+    buffer = BlockBuffer()  # one for every expert: their factors are computed one tensor and expert at a time
     try:
         for i, entry in enumerate(config.experts):
             if "sidecar" in entry.extra:
@@ -90,7 +91,7 @@ def open_preconditioners(config: MergeConfig, tensors: list[OutputTensor]) -> li
                 raise PlanError(f"{path}: none of its tensor names is a tensor of {entry.path}; "
                                 "the preconditioner belongs to another model")
             approx = {n: (resolved[n][1][i].rank1_approx, resolved[n][1][i].rank) for n in keys}
-            opened[-1] = Preconditioner(inner, keys, approx.__getitem__)
+            opened[-1] = Preconditioner(inner, keys, approx.__getitem__, buffer)
     except BaseException:
         for sc in opened:
             if sc is not None:

@@ -74,6 +74,11 @@ class SecondMoments:
         """Flat elements ``[start, start + count)`` of ``get(name)``: fp32, 1-D."""
         raise NotImplementedError
 
+    def get_flat_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        """``get_flat(name, start, out.numel())`` into ``out`` (fp32, 1-D, contiguous), memory the caller
+        reuses (a fresh buffer per read costs a page fault per 4 KiB, more than the copy)."""
+        out.copy_(self.get_flat(name, start, out.numel()))
+
     def rank1_chunk(self, name: str, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """For a tensor stored as rank-1 factors: ``(rows, cols, offset)`` with ``get_flat(name, start,
         count)`` = ``outer(rows, cols).reshape(-1)[offset : offset + count]`` up to rounding, both
@@ -221,6 +226,13 @@ class RawSecondMoments(SecondMoments):
     def get_flat(self, name: str, start: int, count: int) -> torch.Tensor:
         self._check_range(name, start, count)
         return self._ckpt.read(name, start, count).to(torch.float32)
+
+    def get_flat_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        self._check_range(name, start, out.numel())
+        if self._ckpt.meta(name).dtype == torch.float32:
+            self._ckpt.read_into(name, start, out)  # straight from the file, no fresh buffer
+        else:
+            out.copy_(self._ckpt.read(name, start, out.numel()))
 
     def close(self) -> None:
         self._ckpt.close()

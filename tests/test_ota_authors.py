@@ -26,7 +26,7 @@ from streammerge.errors import StreamMergeError
 from streammerge.io import second_moment_factors
 from streammerge.methods import group_sums
 from streammerge.methods.ota_authors import hybrid_norm, rescale_factor
-from streammerge.preconditioners import Preconditioner, is_embedding
+from streammerge.preconditioners import BlockBuffer, Preconditioner, is_embedding
 from streammerge.sidecar import RawSecondMoments, convert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,6 +204,29 @@ def test_bytes_do_not_depend_on_chunking(name, tmp_path, monkeypatch):
         assert all(torch.equal(outs[0][n], other[n]) for n in outs[0])
 
 
+@pytest.mark.parametrize("name", ["hf_ota_ffg_rank1lemma.yml", "hf_ota_ffg_global_thresh.yml"])
+def test_tile_by_tile_across_experts_gives_the_same_bytes(name, tmp_path, monkeypatch):
+    """rank1_approx with a base merges each tile across all experts (``_merge_by_tile``, weights read a
+    tile at a time); expert by expert over whole chunks gives the same bytes, at any chunk size."""
+    from streammerge.methods import ota_authors
+
+    monkeypatch.setattr("streammerge.preconditioners.RANK1_BLOCK_ELEMENTS", 96)  # several row blocks
+    monkeypatch.setattr(ota_authors, "TILE_ELEMENTS", 50)  # several tiles per chunk
+    calls = []
+    by_tile = ota_authors._merge_by_tile
+    monkeypatch.setattr(ota_authors, "_merge_by_tile", lambda *a: calls.append(1) or by_tile(*a))
+    outs = []
+    for chunk in (1 << 22, 100):
+        streammerge.merge(config_of(CONFIGS / name), tmp_path / str(chunk), chunk_elements=chunk)
+        outs.append(load_dir(tmp_path / str(chunk)))
+    assert calls
+    monkeypatch.setattr(ota_authors, "_by_tile_moments", lambda *a: None)  # expert by expert
+    streammerge.merge(config_of(CONFIGS / name), tmp_path / "experts", chunk_elements=100)
+    outs.append(load_dir(tmp_path / "experts"))
+    for other in outs[1:]:
+        assert all(torch.equal(outs[0][n].view(torch.int16), other[n].view(torch.int16)) for n in outs[0])
+
+
 def test_preconditioner_formats_agree(tmp_path):
     """Raw safetensors, a name-keyed optimizer state and an exact sidecar give the same merge."""
     src = ROOT / "fixtures" / "ota-authors" / "math-reasoning" / "export"
@@ -250,6 +273,28 @@ def test_rank1_at_merge_time_is_their_lemma(monkeypatch):
     rows, cols, offset = pc.rank1_chunk(name, 50, 300)
     assert torch.equal(torch.outer(rows, cols).reshape(-1)[offset:offset + 300], pc.get_flat(name, 50, 300))
     pc.close()
+
+
+def test_experts_share_one_block_buffer(monkeypatch):
+    """Every expert's rank-1 pass reads into one buffer (read_into): the factors are those of the formula
+    and the same bits as with a buffer of its own, tensors and experts interleaved."""
+    monkeypatch.setattr("streammerge.preconditioners.RANK1_BLOCK_ELEMENTS", 40)  # several row blocks
+    paths = [ROOT / "fixtures" / "ota-authors" / e / "export" / "exp_avg_sq.safetensors" for e in ("general", "coding")]
+    names = ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    shared = BlockBuffer()
+    pcs = [Preconditioner(RawSecondMoments(p), {n: n for n in names}, lambda n: (True, None), shared) for p in paths]
+    alone = [Preconditioner(RawSecondMoments(p), {n: n for n in names}, lambda n: (True, None)) for p in paths]
+    for name in names:
+        for path, pc, own in zip(paths, pcs, alone, strict=True):
+            v = load_file(path)[name].double()
+            n = v.shape[1]
+            rows, cols, _ = pc.rank1_chunk(name, 0, v.numel())
+            assert torch.allclose(rows.double(), v.sum(1), rtol=1e-6, atol=0)
+            assert torch.allclose(cols.double() * v.sum(), v.sum(0), rtol=1e-6, atol=0)
+            own_rows, own_cols, _ = own.rank1_chunk(name, 0, v.numel())
+            assert torch.equal(rows, own_rows) and torch.equal(cols, own_cols) and cols.numel() == n
+    for pc in pcs + alone:
+        pc.close()
 
 
 def test_rank_k_reconstruction_is_chunk_independent_and_close_to_svd(monkeypatch):

@@ -53,6 +53,24 @@ def test_single_file_and_bin(tmp_path):
     assert sorted(open_checkpoint(tmp_path / "folder").names()) == sorted(ref)
 
 
+def test_read_into_gives_the_bytes_read_gives(tmp_path):
+    ref = _tensors()
+    save_file(ref, tmp_path / "w.safetensors")
+    torch.save(ref, tmp_path / "pytorch_model.bin")
+    for path in (tmp_path / "w.safetensors", tmp_path / "pytorch_model.bin"):
+        ckpt = open_checkpoint(path)
+        for name, t in ref.items():
+            flat = t.reshape(-1)
+            out = torch.full((flat.numel() - 1,), 7, dtype=t.dtype)
+            ckpt.read_into(name, 1, out)
+            assert torch.equal(out.view(-1), flat[1:]), (path, name)
+        name = next(iter(ref))
+        with pytest.raises(ValueError):  # not the stored dtype
+            ckpt.read_into(name, 0, torch.empty(1, dtype=torch.float64))
+        with pytest.raises(ValueError):  # past the end
+            ckpt.read_into(name, ref[name].numel(), torch.empty(1, dtype=ref[name].dtype))
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

@@ -104,6 +104,14 @@ class Checkpoint:
             raise ValueError(f"range [{start}, {start + count}) outside {name} of {meta.numel} elements")
         return self._read(meta, start, count)
 
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Flat elements ``[start, start + out.numel())`` of ``name`` into ``out`` (1-D, contiguous, the
+        stored dtype): the bytes ``read`` returns, into memory the caller keeps and reuses."""
+        meta = self.meta(name)
+        if out.dtype != meta.dtype or not out.is_contiguous():
+            raise ValueError(f"read_into {name}: needs a contiguous {meta.dtype} tensor, got {out.dtype}")
+        out.copy_(self.read(name, start, out.numel()))
+
     def prefetch(self, name: str) -> None:
         """Hint that ``name`` is read soon. Never blocks, never holds memory."""
 
@@ -161,6 +169,16 @@ class SafetensorsCheckpoint(Checkpoint):
         out = torch.empty(count * size, dtype=torch.uint8)
         _pread_into(self._fd(meta.file), out, entry.begin + start * size, meta.file)
         return out.view(meta.dtype)
+
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        meta = self.meta(name)
+        count = out.numel()
+        if out.dtype != meta.dtype or not out.is_contiguous():
+            raise ValueError(f"read_into {name}: needs a contiguous {meta.dtype} tensor, got {out.dtype}")
+        if start < 0 or start + count > meta.numel:
+            raise ValueError(f"range [{start}, {start + count}) outside {name} of {meta.numel} elements")
+        entry = self._entries[meta.name]
+        _pread_into(self._fd(meta.file), out.view(torch.uint8), entry.begin + start * out.element_size(), meta.file)
 
     def byte_range(self, name: str) -> tuple[int, int]:
         """Absolute ``(begin, end)`` byte offsets of tensor ``name`` in its shard file."""

@@ -84,8 +84,9 @@ class ExpertInput:
     # The chunk in its stored dtype (bf16/fp16/fp32) on the compute device; lets ``delta`` widen inside the
     # subtraction instead of in a separate pass. None: ``delta`` uses ``load``.
     load_stored: Callable[[], torch.Tensor] | None = None
-    # ``load_stored_range(offset, count)``: elements [offset, offset + count) of the chunk as stored (1-D), for
-    # a method that walks a chunk in small blocks of every expert at once. None: only whole-chunk loads.
+    # ``load_stored_range(offset, count)``: elements [offset, offset + count) of the chunk as stored (1-D), read
+    # anew per call, for a method that walks a chunk in small blocks of every expert at once. None: only
+    # whole-chunk loads.
     load_stored_range: Callable[[int, int], torch.Tensor] | None = None
 
     def delta(self, base: torch.Tensor) -> torch.Tensor:

@@ -35,12 +35,14 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
-from .base import SECOND_MOMENT, ChunkInputs, Rank1Chunk
+from ..threads import one_thread
+from .base import SECOND_MOMENT, SECOND_MOMENT_RANK1, ChunkInputs, Rank1Chunk
 from .group_sums import GroupSums
 from .ota import (
     SMALLEST_SUBNORMAL,
@@ -243,7 +245,9 @@ def _rescale_one(chunks, i: int, shape, name: str, p: OtaParams, run: OtaRun | N
 # --- the chunk-level merge ------------------------------------------------------------------------------
 
 
-TILE_ELEMENTS = (1 << 15) - 1  # elements of one tile of the merge: below torch's parallel grain (32768), so one thread
+# elements of one tile of the merge: its few buffers stay in the CPU's cache, and a tile's dozen small ops
+# cost little beside their arithmetic (the merge runs on one thread, see ``merge``)
+TILE_ELEMENTS = (1 << 17) - 1
 
 
 @dataclass
@@ -253,6 +257,7 @@ class _ExpertChunk:
 
     shape: torch.Size  # the chunk's, as loaded
     stored: torch.Tensor | None  # the chunk as stored (bf16/fp16/fp32), widened and less the base per tile
+    stored_range: Callable[[int, int], torch.Tensor] | None  # or read tile by tile: (lo, count) -> as stored
     loaded: torch.Tensor | None  # θᵢ in fp32 (``load``): without a base, or for the fully masked mean
     dense: torch.Tensor | None  # v (dense second moments)
     rank1: Rank1Chunk | None  # v as factors (``rank1_approx``)
@@ -265,16 +270,21 @@ class _ExpertChunk:
 
 
 def _expert_chunk(inputs: ChunkInputs, i: int, moment, p: OtaParams, state, threshold: float | None,
-                  need_theta: bool) -> _ExpertChunk:
+                  need_theta: bool, by_tile: bool = False) -> _ExpertChunk:
+    """Expert i's inputs for the chunk: read now, or (``by_tile``: see ``_by_tile_moments``) only the
+    second-moment factors now and the weights tile by tile."""
     e, base = inputs.experts[i], inputs.base
-    stored = loaded = None
-    if base is not None and e.load_stored is not None:
-        stored = e.load_stored()
-        if stored.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            stored = None  # ``ExpertInput.delta``'s fallback: the fp32 load
-    if stored is None or need_theta:
-        loaded = e.load()
-    shape = stored.shape if stored is not None else loaded.shape
+    stored = loaded = stored_range = None
+    if by_tile:
+        stored_range, shape = e.load_stored_range, base.shape
+    else:
+        if base is not None and e.load_stored is not None:
+            stored = e.load_stored()
+            if stored.dtype not in WIDENED:
+                stored = None  # ``ExpertInput.delta``'s fallback: the fp32 load
+        if stored is None or need_theta:
+            loaded = e.load()
+        shape = stored.shape if stored is not None else loaded.shape
     scale = state.scales[i] if state is not None and state.scales is not None else e.params.scaling_factor
     correction = _correction(inputs, i) if p.bias_correction else 1.0
     w_rows = w_cols = None
@@ -289,8 +299,8 @@ def _expert_chunk(inputs: ChunkInputs, i: int, moment, p: OtaParams, state, thre
     if dense is not None and dense.numel() != math.prod(shape):
         raise ConfigError(f"ota: {inputs.tensor}: expert #{i}'s second moment has {dense.numel()} elements, "
                           f"its tensor chunk {math.prod(shape)}; the preconditioner belongs to another model")
-    return _ExpertChunk(shape, _flat(stored), _flat(loaded), _flat(dense), moment.rank1, w_rows, w_cols,
-                        threshold, scale, correction, rescale)
+    return _ExpertChunk(shape, _flat(stored), stored_range, _flat(loaded), _flat(dense), moment.rank1, w_rows,
+                        w_cols, threshold, scale, correction, rescale)
 
 
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -328,11 +338,19 @@ def _tiles(count: int, chunk: _ExpertChunk, device: torch.device) -> list[tuple[
 def merge(inputs: ChunkInputs) -> torch.Tensor:
     """The authors' OTA for one chunk (see the module docstring). fp32 in, fp32 out, the chunk's shape.
 
-    Experts are taken one at a time (one expert's chunk in memory, as the engine plans), and each
-    expert's ten or so elementwise passes run tile by tile (``_tiles``) on data in the CPU cache, adding
-    into whole-chunk sums; the sums are then finished tile by tile. Each entry's value depends only on
-    that entry's inputs, in the same order of operations, so the tiles give the bytes whole-chunk passes
-    give."""
+    Each expert's ten or so elementwise passes run tile by tile (``_tiles``) on data in the CPU cache.
+    With rank-1 second moments and a base (``_merge_by_tile``), every expert's terms of one tile are
+    added into tile-long sums and the tile finished before the next, each expert's weights read a tile
+    at a time; otherwise experts are taken one at a time (one expert's chunk in memory, as the engine
+    plans), adding into whole-chunk sums that are then finished tile by tile. Each entry's value depends
+    only on that entry's inputs, in the same order of operations, so either order and any tile size give
+    the bytes whole-chunk passes give, and so does any thread count. The passes run on one thread:
+    split across threads, each tile's hand-offs cost more than its arithmetic on a loaded machine."""
+    with one_thread():
+        return _merge_chunk(inputs)
+
+
+def _merge_chunk(inputs: ChunkInputs) -> torch.Tensor:
     p, base, experts = _resolved(inputs), inputs.base, inputs.experts
     run = inputs.run if isinstance(inputs.run, OtaRun) else None
     state = inputs.state if isinstance(inputs.state, AuthorsTensorState) else None
@@ -344,6 +362,11 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
     active = any(t is not None for t in thresholds)
     need_theta = active and not (p.fallback_to_base and base is not None)
     mode = p.masked_task_vector_merge_method if base is not None else "precond"
+    moments = _by_tile_moments(inputs, mode, need_theta)
+    if moments is not None:
+        chunks = [_expert_chunk(inputs, i, m, p, state, thresholds[i], False, by_tile=True)
+                  for i, m in enumerate(moments)]
+        return _merge_by_tile(inputs, p, chunks, active, mode, run)
     flat_base = base.reshape(-1) if base is not None else None
     sums: dict[str, torch.Tensor] = {}  # "num" Σwτ, "den" Σw, "acc" Στ (linear), "theta" Σθ: whole chunk
     vectors: list[torch.Tensor] = []  # ties: every expert's τ'
@@ -363,7 +386,8 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
         x_all = torch.empty_like(sums["den"]) if mode == "ties" else None
         ones = 0
         for lo, hi in tiles:
-            ones += _expert_tile(inputs, p, c, i == 0, flat_base, lo, hi, mode, sums, x_all)
+            ones += _expert_tile(inputs, p, c, i == 0, flat_base, lo, hi, mode, _cut(sums, lo, hi),
+                                 x_all[lo:hi] if x_all is not None else None)
         if c.threshold is not None:
             kept.append((i, ones))
         if x_all is not None:
@@ -372,7 +396,8 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
     count = math.prod(shape)
     out = sums["num"] if mode == "precond" else sums["acc"] if mode == "linear" else torch.empty_like(sums["den"])
     for lo, hi in tiles:
-        n_fully = _finish_tile(p, len(experts), active, mode, sums, vectors, flat_base, lo, hi, out[lo:hi])
+        n_fully = _finish_tile(p, len(experts), active, mode, _cut(sums, lo, hi), [x[lo:hi] for x in vectors],
+                               flat_base, lo, hi, out[lo:hi])
         if run is not None:
             run.all_masked += n_fully
     if run is not None:
@@ -382,19 +407,72 @@ def merge(inputs: ChunkInputs) -> torch.Tensor:
     return out.view(shape)
 
 
+WIDENED = (torch.bfloat16, torch.float16, torch.float32)  # stored dtypes a tile widens by a plain copy
+
+
+def _cut(sums: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
+    return {key: t[lo:hi] for key, t in sums.items()}
+
+
+def _by_tile_moments(inputs: ChunkInputs, mode: str, need_theta: bool) -> list | None:
+    """Every expert's rank-1 second moment when the chunk can be merged tile by tile across all experts
+    (``_merge_by_tile``), else None: on the CPU, with a base, ``precond`` or ``linear``, no θᵢ needed,
+    and every expert's weights readable a tile at a time in a dtype a copy widens."""
+    base = inputs.base
+    if base is None or base.device.type != "cpu" or mode == "ties" or need_theta:
+        return None
+    for e in inputs.experts:
+        loader = e.aux.get(SECOND_MOMENT_RANK1)
+        if e.load_stored_range is None or loader is None or loader() is None:
+            return None
+        if e.load_stored_range(0, 0).dtype not in WIDENED:
+            return None
+    return [_second_moment(inputs, i) for i in range(len(inputs.experts))]
+
+
+def _merge_by_tile(inputs: ChunkInputs, p: OtaParams, chunks: list[_ExpertChunk], active: bool, mode: str,
+                   run: OtaRun | None) -> torch.Tensor:
+    """The chunk tile by tile, every expert within each tile: each expert's weights read one tile at a
+    time and the sums a tile long, so everything a tile touches stays in the CPU cache, and memory does
+    not grow with the number of experts (their rank-1 factors span the chunk's rows only)."""
+    base = inputs.base
+    flat_base, count = base.reshape(-1), base.numel()
+    tiles = _tiles(count, chunks[0], base.device)
+    longest = max((hi - lo for lo, hi in tiles), default=0)
+    keys = ("num", "den", "acc") if mode == "linear" else ("num", "den")
+    sums = {key: torch.empty(longest, dtype=torch.float32) for key in keys}  # one tile long, reused
+    out = torch.empty(count, dtype=torch.float32)
+    ones = [0] * len(chunks)
+    for lo, hi in tiles:
+        tile_sums = _cut(sums, 0, hi - lo)
+        for i, c in enumerate(chunks):
+            ones[i] += _expert_tile(inputs, p, c, i == 0, flat_base, lo, hi, mode, tile_sums, None)
+        n_fully = _finish_tile(p, len(chunks), active, mode, tile_sums, [], flat_base, lo, hi, out[lo:hi])
+        if run is not None:
+            run.all_masked += n_fully
+    if run is not None:
+        for i, c in enumerate(chunks):
+            if c.threshold is not None:
+                run.kept[i] += ones[i]
+                run.seen[i] += count
+    return out.view(base.shape)
+
+
 def _expert_tile(inputs: ChunkInputs, p: OtaParams, c: _ExpertChunk, first: bool, flat_base: torch.Tensor | None,
                  lo: int, hi: int, mode: str, sums: dict[str, torch.Tensor], x_all: torch.Tensor | None) -> int:
-    """One expert's terms for chunk elements [lo, hi), added into ``sums`` (set by the first expert);
-    returns how many entries its mask keeps."""
+    """One expert's terms for chunk elements [lo, hi), added into ``sums`` and ``x_all`` (this tile of them;
+    set by the first expert); returns how many entries its mask keeps."""
     base = flat_base[lo:hi] if flat_base is not None else None
     if base is None:
         x = c.loaded[lo:hi]
-    elif c.stored is not None:  # ExpertInput.delta: widened by a plain copy, then subtracted in fp32
-        x = torch.empty_like(base).copy_(c.stored[lo:hi]).sub_(base)
+    elif c.stored is not None or c.stored_range is not None:  # ExpertInput.delta: a plain copy widens, then
+        stored = c.stored[lo:hi] if c.stored is not None else c.stored_range(lo, hi - lo)  # fp32 subtraction
+        x = torch.empty_like(base).copy_(stored).sub_(base)
+        del stored
     else:
         x = c.loaded[lo:hi] - base
     if "theta" in sums:
-        theta = sums["theta"][lo:hi]
+        theta = sums["theta"]
         if first:
             theta.copy_(c.loaded[lo:hi])
         else:
@@ -424,20 +502,20 @@ def _expert_tile(inputs: ChunkInputs, p: OtaParams, c: _ExpertChunk, first: bool
         if c.rescale is not None and c.rescale != 1.0:
             x.mul_(c.rescale)
     del keep
-    num, den = sums["num"][lo:hi], sums["den"][lo:hi]
+    num, den = sums["num"], sums["den"]
     if mode == "precond":
         if first:
             torch.mul(w, x, out=num)
         else:
             num.addcmul_(w, x)
     elif mode == "linear":
-        acc = sums["acc"][lo:hi]
+        acc = sums["acc"]
         if first:
             acc.copy_(x)
         else:
             acc.add_(x)
     else:
-        x_all[lo:hi] = x
+        x_all.copy_(x)
     if first:
         den.copy_(w)
     else:
@@ -448,24 +526,24 @@ def _expert_tile(inputs: ChunkInputs, p: OtaParams, c: _ExpertChunk, first: bool
 def _finish_tile(p: OtaParams, n: int, active: bool, mode: str, sums: dict[str, torch.Tensor],
                  vectors: list[torch.Tensor], flat_base: torch.Tensor | None, lo: int, hi: int,
                  out: torch.Tensor) -> int:
-    """The merged chunk elements [lo, hi) into ``out`` (which may be the tile of a sum); returns how many
-    entries had every expert masked."""
+    """The merged chunk elements [lo, hi) into ``out`` (which may be the tile of a sum), from ``sums`` and
+    ``vectors`` (this tile of them); returns how many entries had every expert masked."""
     base = flat_base[lo:hi] if flat_base is not None else None
-    den = sums["den"][lo:hi]
+    den = sums["den"]
     fully = den <= n * p.epsilon * 1.1 if active else None
     if mode == "precond":
-        merged = sums["num"][lo:hi].div_(den.clamp_(min=SMALLEST_SUBNORMAL) if active else den)
+        merged = sums["num"].div_(den.clamp_(min=SMALLEST_SUBNORMAL) if active else den)
     elif mode == "linear":
-        merged = sums["acc"][lo:hi].div_(n)
+        merged = sums["acc"].div_(n)
     else:
-        merged = _ties([x[lo:hi] for x in vectors]).div_(n)
+        merged = _ties(vectors).div_(n)
     if base is not None:
         merged = merged.add_(base)
     n_fully = 0
     if fully is not None:
         n_fully = int(torch.count_nonzero(fully))
         if n_fully:
-            fallback = base if p.fallback_to_base and base is not None else sums["theta"][lo:hi].div_(n)
+            fallback = base if p.fallback_to_base and base is not None else sums["theta"].div_(n)
             merged = torch.where(fully, fallback, merged)
     if merged.data_ptr() != out.data_ptr():
         out.copy_(merged)
