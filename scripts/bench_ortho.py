@@ -103,7 +103,7 @@ def child(job: dict) -> None:
     """One child process: decouple the given matrices by one path; print one JSON line."""
     torch.set_num_threads(job["threads"])
     params = OrthoMergeParams(variant=job["variant"], residual_method=job["residual"], lambda_=1.0 / job["experts"])
-    out = {"times": {}, "cpu": {}, "k": {}, "peak_extra": 0}
+    out = {"times": {}, "cpu": {}, "k": {}, "failed": {}, "peak_extra": 0}
     w, e = _inputs(16, 64, 2, 0)  # warm up torch's kernels and buffers outside the measured peaks
     decouple_merge(w, e, params, path="dense"), decouple_merge(w, e, params, path="subspace")
     for name, (d_out, d_in) in job["matrices"].items():
@@ -113,8 +113,16 @@ def child(job: dict) -> None:
         best, best_cpu = float("inf"), float("inf")
         for _ in range(job.get("repeats", 1)):
             start, start_cpu = time.perf_counter(), time.process_time()
-            decouple_merge(w0, experts, params, path=job["path"], report=report)
+            try:
+                decouple_merge(w0, experts, params, path=job["path"], report=report)
+            except torch.linalg.LinAlgError as e:  # LAPACK gave up: say so, after how long, and go on
+                out["failed"][name] = f"{str(e).split(':')[1].strip().split(' because')[0]} after " \
+                    f"{time.process_time() - start_cpu:.0f} CPU s"
+                break
             best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.process_time() - start_cpu)
+        if name in out["failed"]:
+            del w0, experts
+            continue
         out["times"][name], out["cpu"][name] = best, best_cpu
         out["k"][name] = report.largest_k[0] if report.subspace else d_in
         out["peak_extra"] = max(out["peak_extra"], _rss_bytes() - baseline)
@@ -173,17 +181,21 @@ def layer(args) -> None:
     print("| --- | --- | --- | --- | --- | --- |")
 
     def cell(res, name):
+        if res is not None and name in res.get("failed", {}):
+            return f"failed: {res['failed'][name]}"
         if res is None or name not in res["cpu"]:
             return "not run"
         return f"{res['cpu'][name]:.1f} ({res['times'][name]:.1f})"
 
     for name, (d_out, d_in) in LLAMA_8B_LAYER.items():
-        k = after["k"].get(name)
+        k = after["k"].get(name, LLAMA_8B_LAYER[name][1] if name in after.get("failed", {}) else None)
         path = "not run" if k is None else "dense" if k == d_in and d_out > d_in / 2 else f"subspace, k = {k}"
         both = before is not None and name in before["cpu"] and name in after["cpu"]
         speedup = f"{before['cpu'][name] / after['cpu'][name]:.2f}x" if both else ""
         print(f"| {name} | {d_out} x {d_in} | {path} | {cell(before, name)} | {cell(after, name)} | {speedup} |")
     total_b = "" if before is None else f"{sum(before['cpu'].values()):.1f}"
+    if before is not None and before.get("failed"):
+        total_b += f" (without {', '.join(before['failed'])})"
     print(f"| total | | | {total_b} | {sum(after['cpu'].values()):.1f} | |")
     rss_b = "" if before is None else f"{before['peak_rss'] / 1e9:.2f} GB"
     print(f"| peak RSS of the process | | | {rss_b} | {after['peak_rss'] / 1e9:.2f} GB | |")
