@@ -33,7 +33,7 @@ import torch
 from .base import ChunkInputs, MergeMethod
 from .dare import L1_EPS
 from .task_vectors import merge_task_vectors
-from .ties import LOW_BINS, RadixSelect, bincount
+from .ties import LOW_BINS, RadixSelect
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def _add_low(group: list[RadixSelect], magnitude: torch.Tensor) -> None:
     # sum is unique: 1..2¹⁶ in the upper cut's bucket, 2¹⁶ + 1 + (1..2¹⁶) in the lower cut's
     keys = (bits - ((upper.bucket << 16) - 1)).clamp_(0, LOW_BINS + 1)
     keys += (bits - ((lower.bucket << 16) - 1)).clamp_(0, LOW_BINS + 1)
-    counts = bincount(keys, minlength=2 * LOW_BINS + 3)
+    counts = torch.bincount(keys, minlength=2 * LOW_BINS + 3)
     upper.low += counts[1 : LOW_BINS + 1]
     lower.low += counts[LOW_BINS + 2 : 2 * LOW_BINS + 2]
 

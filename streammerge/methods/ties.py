@@ -16,7 +16,6 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .base import ChunkInputs, MergeMethod, check_density
@@ -54,14 +53,6 @@ class _Trim:
     scale: float = 1.0  # L1 rescale factor (``rescale: true``)
 
 
-def bincount(keys: torch.Tensor, minlength: int) -> torch.Tensor:
-    """``torch.bincount`` of non-negative int32 keys (int64 counts); on the CPU numpy's, about twice as fast
-    on one thread (exact counts either way)."""
-    if keys.device.type == "cpu":
-        return torch.from_numpy(np.bincount(keys.numpy(), minlength=minlength))
-    return torch.bincount(keys, minlength=minlength)
-
-
 class RadixSelect:
     """Exact k-th largest of a non-negative, finite fp32 stream, seen in two passes of chunks.
 
@@ -78,7 +69,7 @@ class RadixSelect:
         self.above_bucket = 0
 
     def add_high(self, magnitude: torch.Tensor) -> None:
-        self.high += bincount((magnitude.view(torch.int32) >> 16).reshape(-1), minlength=HIGH_BINS)
+        self.high += torch.bincount((magnitude.view(torch.int32) >> 16).reshape(-1), minlength=HIGH_BINS)
 
     def choose_bucket(self) -> None:
         from_top = self.high.flip(0).cumsum(0)
@@ -91,7 +82,7 @@ class RadixSelect:
         # low 16 bits, every other value in bin 0 or 2¹⁶ + 1 (no boolean selection: about 2/3 of its time)
         bits = magnitude.view(torch.int32).reshape(-1)
         keys = (bits - ((self.bucket << 16) - 1)).clamp_(0, LOW_BINS + 1)
-        self.low += bincount(keys, minlength=LOW_BINS + 2)[1:-1]
+        self.low += torch.bincount(keys, minlength=LOW_BINS + 2)[1:-1]
 
     def result(self) -> tuple[float, int, int]:
         """(k-th largest value, how many values are strictly above it, how many equal it)."""
