@@ -39,11 +39,17 @@ def test_fixture_two_shards_match_reference_loader():
         assert torch.equal(ckpt.read(name), t)
 
 
-def test_single_file_and_bin(tmp_path):
+def _single_files(tmp_path) -> tuple[dict, tuple]:
+    """The same tensors as one safetensors file and as a torch .bin: (tensors, (paths))."""
     ref = _tensors()
     save_file(ref, tmp_path / "w.safetensors")
     torch.save(ref, tmp_path / "pytorch_model.bin")
-    for path in (tmp_path / "w.safetensors", tmp_path / "pytorch_model.bin"):
+    return ref, (tmp_path / "w.safetensors", tmp_path / "pytorch_model.bin")
+
+
+def test_single_file_and_bin(tmp_path):
+    ref, paths = _single_files(tmp_path)
+    for path in paths:
         ckpt = open_checkpoint(path)
         for name, t in ref.items():
             assert torch.equal(ckpt.read(name), t), (path, name)
@@ -54,10 +60,8 @@ def test_single_file_and_bin(tmp_path):
 
 
 def test_read_into_gives_the_bytes_read_gives(tmp_path):
-    ref = _tensors()
-    save_file(ref, tmp_path / "w.safetensors")
-    torch.save(ref, tmp_path / "pytorch_model.bin")
-    for path in (tmp_path / "w.safetensors", tmp_path / "pytorch_model.bin"):
+    ref, paths = _single_files(tmp_path)
+    for path in paths:
         ckpt = open_checkpoint(path)
         for name, t in ref.items():
             flat = t.reshape(-1)
