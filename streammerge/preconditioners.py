@@ -223,28 +223,33 @@ class Preconditioner(SecondMoments):
         step = max(1, RANK1_TILE_ELEMENTS // max(n, 1))  # rows per tile
         for lo, hi, block in self._rows(name, RANK1_BLOCK_ELEMENTS):
             # the check and the row sums tile by tile (whole rows: the same bits as over the block)
-            extremes = []
+            lows, highs = [], []
             for a in range(0, hi - lo, step):
                 tile = block[a : a + step]
-                extremes.append(torch.aminmax(tile))
+                low, high = torch.aminmax(tile)
+                lows.append(low)
+                highs.append(high)
                 torch.sum(tile, dim=1, out=r[lo + a : lo + a + tile.shape[0]])
-            if extremes and not (min(float(e[0]) for e in extremes) >= 0
-                                 and math.isfinite(max(float(e[1]) for e in extremes))):
-                self._check_values(name, block)  # raises, naming the block's extremes
+            if lows:  # torch's min/max carry a NaN through (Python's min/max would drop it by position)
+                self._check_extremes(name, torch.stack(lows).min(), torch.stack(highs).max())
             c += block.sum(dim=0)
-            del block, extremes
+            del block, lows, highs
         total = float(r.sum(dtype=torch.float64))
         cols = (c.to(torch.float64) / total).to(torch.float32) if total != 0 else torch.zeros(n)
         return r, cols
 
     def _check_values(self, name: str, v: torch.Tensor) -> None:
         if v.numel():
-            lo, hi = torch.aminmax(v)
-            if not (lo >= 0 and torch.isfinite(hi)):
-                raise CheckpointError(
-                    f"{self.path}: second moment {self._keys[name]!r} has negative, NaN or infinite values "
-                    f"(min {float(lo):g}, max {float(hi):g}); the preconditioner file is corrupt"
-                )
+            self._check_extremes(name, *torch.aminmax(v))
+
+    def _check_extremes(self, name: str, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Refuse the tensor unless its smallest value ``lo`` is >= 0 and its largest ``hi`` finite (a NaN
+        anywhere makes both NaN)."""
+        if not (lo >= 0 and torch.isfinite(hi)):
+            raise CheckpointError(
+                f"{self.path}: second moment {self._keys[name]!r} has negative, NaN or infinite values "
+                f"(min {float(lo):g}, max {float(hi):g}); the preconditioner file is corrupt"
+            )
 
     def rank1_chunk(self, name: str, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         if self._kind(name) != "rank1":

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import streammerge
 from streammerge.config import parse_config
-from streammerge.errors import StreamMergeError
+from streammerge.errors import CheckpointError, StreamMergeError
 from streammerge.io import second_moment_factors
 from streammerge.methods import group_sums
 from streammerge.methods.ota_authors import hybrid_norm, rescale_factor
@@ -294,6 +294,21 @@ def test_experts_share_one_block_buffer(monkeypatch):
             own_rows, own_cols, _ = own.rank1_chunk(name, 0, v.numel())
             assert torch.equal(rows, own_rows) and torch.equal(cols, own_cols) and cols.numel() == n
     for pc in pcs + alone:
+        pc.close()
+
+
+def test_rank1_pass_refuses_a_bad_value_in_any_tile(tmp_path, monkeypatch):
+    """The factor pass checks values tile by tile: a NaN, negative or infinite entry past the first tile of
+    a block is refused like one in the first (the tiles' extremes are combined so that a NaN survives)."""
+    monkeypatch.setattr("streammerge.preconditioners.RANK1_TILE_ELEMENTS", 40)  # 5 rows of 8 per tile
+    v = torch.rand(20, 8, generator=torch.Generator().manual_seed(0)) + 0.1
+    for bad in (float("nan"), -1.0, float("inf")):
+        w = v.clone()
+        w[15, 3] = bad  # the fourth tile
+        save_file({"w": w}, tmp_path / "v.safetensors")
+        pc = Preconditioner(RawSecondMoments(tmp_path / "v.safetensors"), {"w": "w"}, lambda n: (True, None))
+        with pytest.raises(CheckpointError, match="'w' has negative, NaN or infinite values"):
+            pc.rank1_chunk("w", 0, w.numel())
         pc.close()
 
 
