@@ -61,6 +61,11 @@ class TensorMeta(TensorSpec):
     file: Path
 
 
+def _check_range(name: str, meta: TensorMeta, start: int, count: int) -> None:
+    if start < 0 or start + count > meta.numel:
+        raise ValueError(f"range [{start}, {start + count}) outside {name} of {meta.numel} elements")
+
+
 class Checkpoint:
     """A read-only view of one model's tensors. Subclasses implement ``_read``.
 
@@ -100,8 +105,7 @@ class Checkpoint:
         meta = self.meta(name)
         if count is None:
             return self._read(meta, 0, meta.numel).reshape(meta.shape)
-        if start < 0 or start + count > meta.numel:
-            raise ValueError(f"range [{start}, {start + count}) outside {name} of {meta.numel} elements")
+        _check_range(name, meta, start, count)
         return self._read(meta, start, count)
 
     def read_into(self, name: str, start: int, out: torch.Tensor) -> None:
@@ -110,7 +114,10 @@ class Checkpoint:
         meta = self.meta(name)
         if out.dtype != meta.dtype or not out.is_contiguous():
             raise ValueError(f"read_into {name}: needs a contiguous {meta.dtype} tensor, got {out.dtype}")
-        out.copy_(self.read(name, start, out.numel()))
+        self._read_into(name, meta, start, out)
+
+    def _read_into(self, name: str, meta: TensorMeta, start: int, out: torch.Tensor) -> None:
+        out.copy_(self.read(name, start, out.numel()))  # a format without direct reads: one copy more
 
     def prefetch(self, name: str) -> None:
         """Hint that ``name`` is read soon. Never blocks, never holds memory."""
@@ -164,19 +171,17 @@ class SafetensorsCheckpoint(Checkpoint):
         return fd
 
     def _read(self, meta: TensorMeta, start: int, count: int) -> torch.Tensor:
-        entry = self._entries[meta.name]
-        size = torch.empty((), dtype=meta.dtype).element_size()
-        out = torch.empty(count * size, dtype=torch.uint8)
-        _pread_into(self._fd(meta.file), out, entry.begin + start * size, meta.file)
-        return out.view(meta.dtype)
+        out = torch.empty(count, dtype=meta.dtype)
+        self._pread(meta, start, out)
+        return out
 
-    def read_into(self, name: str, start: int, out: torch.Tensor) -> None:
-        meta = self.meta(name)
-        count = out.numel()
-        if out.dtype != meta.dtype or not out.is_contiguous():
-            raise ValueError(f"read_into {name}: needs a contiguous {meta.dtype} tensor, got {out.dtype}")
-        if start < 0 or start + count > meta.numel:
-            raise ValueError(f"range [{start}, {start + count}) outside {name} of {meta.numel} elements")
+    def _read_into(self, name: str, meta: TensorMeta, start: int, out: torch.Tensor) -> None:
+        _check_range(name, meta, start, out.numel())
+        self._pread(meta, start, out)
+
+    def _pread(self, meta: TensorMeta, start: int, out: torch.Tensor) -> None:
+        """Flat elements ``[start, start + out.numel())`` straight from the file into ``out`` (contiguous,
+        the stored dtype)."""
         entry = self._entries[meta.name]
         _pread_into(self._fd(meta.file), out.view(torch.uint8), entry.begin + start * out.element_size(), meta.file)
 
