@@ -101,11 +101,6 @@ class ExpertInput:
         x -= base
         return x
 
-    def delta_range(self, base: torch.Tensor, offset: int) -> torch.Tensor:
-        """θᵢ − θ₀ for elements [offset, offset + len(base)) of the chunk (``base``: the base's fp32 values
-        there): fp32, fresh memory, the same bits as those elements of ``delta``. Needs ``load_stored_range``."""
-        return torch.empty_like(base).copy_(self.load_stored_range(offset, base.numel())).sub_(base)
-
 
 @dataclass(frozen=True)
 class ChunkInputs:
