@@ -196,10 +196,10 @@ def _add_low(group: list[RadixSelect], magnitude: torch.Tensor) -> None:
         return
     upper, lower = selects  # the upper cut (more entries kept) has the smaller value: bucket below the lower cut's
     bits = magnitude.view(torch.int32).reshape(-1)
-    # each key in [0, 2¹⁶ + 1]: 0 below its bucket, 1..2¹⁶ inside by the low 16 bits, 2¹⁶ + 1 above. Their
+    # each cut's key (``RadixSelect.low_keys``) is 0 below its bucket, 1..2¹⁶ inside, 2¹⁶ + 1 above. Their
     # sum is unique: 1..2¹⁶ in the upper cut's bucket, 2¹⁶ + 1 + (1..2¹⁶) in the lower cut's
-    keys = (bits - ((upper.bucket << 16) - 1)).clamp_(0, LOW_BINS + 1)
-    keys += (bits - ((lower.bucket << 16) - 1)).clamp_(0, LOW_BINS + 1)
+    keys = upper.low_keys(bits)
+    keys += lower.low_keys(bits)
     counts = torch.bincount(keys, minlength=2 * LOW_BINS + 3)
     upper.low += counts[1 : LOW_BINS + 1]
     lower.low += counts[LOW_BINS + 2 : 2 * LOW_BINS + 2]

@@ -77,12 +77,14 @@ class RadixSelect:
         self.bucket = HIGH_BINS - 1 - i
         self.above_bucket = int(from_top[i - 1]) if i > 0 else 0
 
+    def low_keys(self, bits: torch.Tensor) -> torch.Tensor:
+        """bits − (bucket·2¹⁶ − 1), clamped to [0, 2¹⁶ + 1]: the bucket's values land in bins 1..2¹⁶ by their
+        low 16 bits, every other value in bin 0 (below) or 2¹⁶ + 1 (above). No boolean selection (2/3 of the
+        pass on one thread of a loaded machine); with 2 idle threads both forms take ~7 ms per 4 M values."""
+        return (bits - ((self.bucket << 16) - 1)).clamp_(0, LOW_BINS + 1)
+
     def add_low(self, magnitude: torch.Tensor) -> None:
-        # bits − (bucket·2¹⁶ − 1), clamped to [0, 2¹⁶ + 1]: the bucket's values land in bins 1..2¹⁶ by their
-        # low 16 bits, every other value in bin 0 or 2¹⁶ + 1. No boolean selection (2/3 of the pass on one
-        # thread of a loaded machine); with 2 idle threads both forms take ~7 ms per 4 M values
-        bits = magnitude.view(torch.int32).reshape(-1)
-        keys = (bits - ((self.bucket << 16) - 1)).clamp_(0, LOW_BINS + 1)
+        keys = self.low_keys(magnitude.view(torch.int32).reshape(-1))
         self.low += torch.bincount(keys, minlength=LOW_BINS + 2)[1:-1]
 
     def result(self) -> tuple[float, int, int]:
