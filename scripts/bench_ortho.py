@@ -116,8 +116,8 @@ def child(job: dict) -> None:
             try:
                 decouple_merge(w0, experts, params, path=job["path"], report=report)
             except torch.linalg.LinAlgError as e:  # LAPACK gave up: say so, after how long, and go on
-                out["failed"][name] = f"{str(e).split(':')[1].strip().split(' because')[0]} after " \
-                    f"{time.process_time() - start_cpu:.0f} CPU s"
+                reason = str(e).splitlines()[0].split(" because")[0] if str(e) else type(e).__name__
+                out["failed"][name] = f"{reason} after {time.process_time() - start_cpu:.0f} CPU s"
                 break
             best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.process_time() - start_cpu)
         if name in out["failed"]:
